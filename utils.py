@@ -308,10 +308,17 @@ def compile_model(model: keras.Model, learning_rate: float = 1e-3) -> keras.Mode
     return model
 
 
-def cross_entropy(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """Mean categorical cross-entropy, clipped as Keras does (1e-7)."""
-    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-7, 1 - 1e-7)
-    return float(-(np.asarray(labels) * np.log(p)).sum(axis=1).mean())
+def loss_and_accuracy(outputs, labels: np.ndarray) -> tuple[float, float]:
+    """Categorical cross-entropy and accuracy of a model's output, as ``evaluate`` computes them.
+
+    Pass the tensor that a model call returned, not a NumPy copy: Keras then
+    computes the loss from the logits behind the final softmax, unclipped,
+    exactly like ``evaluate``. (From probabilities alone the loss of a
+    confidently wrong answer would be clipped at -ln(1e-7) = 16.1.)
+    Introduced in notebook 03.
+    """
+    loss = float(keras.losses.CategoricalCrossentropy()(labels, outputs))
+    return loss, accuracy(keras.ops.convert_to_numpy(outputs), labels)
 
 
 def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
@@ -433,8 +440,8 @@ def moving_statistics(model: keras.Model) -> dict[str, tuple[np.ndarray, np.ndar
 
 def batch_statistics(
     model: keras.Model, images: np.ndarray, training: bool = True
-) -> tuple[dict[str, Moments], np.ndarray]:
-    """Moments of the batch each BatchNormalization layer sees, and the model's output.
+) -> tuple[dict[str, Moments], object]:
+    """Moments of the batch each BatchNormalization layer sees, and the model's output tensor.
 
     Runs ``model(images, training=training)`` once, leaving the moving
     statistics untouched. With ``training=True`` these are the statistics the
@@ -442,7 +449,7 @@ def batch_statistics(
     ``predict``. Introduced in notebook 03.
     """
     with frozen_moving_statistics(model), recording_batchnorm_inputs(model) as records:
-        outputs = keras.ops.convert_to_numpy(model(images, training=training))
+        outputs = model(images, training=training)
     return {name: calls[-1] for name, calls in records.items()}, outputs
 
 
@@ -547,7 +554,8 @@ class BatchNormHistory(keras.callbacks.Callback):
     - ``train_loss`` / ``infer_loss`` and ``train_acc`` / ``infer_acc``: the
       model's loss and accuracy on ``images`` in training and inference mode.
 
-    Recording leaves the moving statistics untouched. Introduced in notebook 04.
+    Recording leaves the moving statistics untouched. When training ends the
+    callback lets go of the model. Introduced in notebook 04.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray):
@@ -569,11 +577,14 @@ class BatchNormHistory(keras.callbacks.Callback):
         seen, train_out = batch_statistics(self.model, self.images, training=True)
         for name, moments in seen.items():
             self.batch.setdefault(name, []).append(moments)
-        infer_out = keras.ops.convert_to_numpy(self.model(self.images, training=False))
-        self.train_loss.append(cross_entropy(train_out, self.labels))
-        self.infer_loss.append(cross_entropy(infer_out, self.labels))
-        self.train_acc.append(accuracy(train_out, self.labels))
-        self.infer_acc.append(accuracy(infer_out, self.labels))
+        infer_out = self.model(self.images, training=False)
+        for out, losses, accs in (
+            (train_out, self.train_loss, self.train_acc),
+            (infer_out, self.infer_loss, self.infer_acc),
+        ):
+            loss, acc = loss_and_accuracy(out, self.labels)
+            losses.append(loss)
+            accs.append(acc)
 
     def on_train_begin(self, logs=None):  # noqa: D102
         if not self.epochs:
@@ -581,6 +592,10 @@ class BatchNormHistory(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):  # noqa: D102
         self._record(epoch + 1)
+
+    def on_train_end(self, logs=None):
+        """Drop the reference to the model, so a kept history does not keep the model in memory."""
+        self.set_model(None)
 
     @property
     def layer_names(self) -> list[str]:
@@ -717,3 +732,136 @@ def resources() -> str:
     except OSError:
         pass
     return f"this notebook took {seconds:.0f} s; peak memory {peak}"
+
+
+def plot_layer_gaps(rows: list[LayerGap], title: str) -> None:
+    """Per BN layer: batch vs moving variance (log scale), and the mean shift. Notebook 03.
+
+    ``rows`` come from :func:`diagnose_batchnorm`; flagged layers are marked red.
+    """
+    plt = _plt()
+    index = np.array([r.index for r in rows])
+    flagged = np.array([r.flagged for r in rows])
+    fig, (ax_var, ax_shift) = plt.subplots(2, 1, figsize=(7, 5.2), sharex=True)
+    ax_var.semilogy(index, [r.batch_var for r in rows], "o-", ms=3, label="batch variance (what fit uses)")
+    ax_var.semilogy(index, [r.moving_var for r in rows], "s-", ms=3, label="moving variance (what predict uses)")
+    ax_var.set(ylabel="variance, median\nover channels (log)")
+    ax_var.legend(fontsize=8)
+    shift = np.array([r.shift for r in rows])
+    ax_shift.semilogy(index, shift, "o-", ms=3, color="tab:gray")
+    ax_shift.semilogy(index[flagged], shift[flagged], "o", ms=4, color="tab:red", label="flagged layer")
+    ax_shift.set(xlabel="BatchNormalization layer (input side -> output side)",
+                 ylabel="|moving - batch mean|\nin batch std (log)")
+    ax_shift.legend(fontsize=8)
+    for ax in (ax_var, ax_shift):
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    plt.show()
+
+
+def plot_activation_scale(train_rms: np.ndarray, infer_rms: np.ndarray, title: str) -> None:
+    """Root-mean-square of each BN layer's input in training vs inference mode (log). Notebook 03."""
+    plt = _plt()
+    index = np.arange(len(train_rms))
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.semilogy(index, train_rms, "o-", ms=3, label="training mode (batch statistics)")
+    ax.semilogy(index, infer_rms, "s-", ms=3, color="tab:red", label="inference mode (moving statistics)")
+    ax.set(xlabel="BatchNormalization layer (input side -> output side)",
+           ylabel="RMS of the layer's input (log)", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    plt.show()
+
+
+def plot_moving_vs_batch(history: BatchNormHistory, layer_names: list[str], title: str) -> None:
+    """Per epoch, for a few layers: moving vs batch mean and variance (medians over channels). Notebook 04."""
+    plt = _plt()
+    epochs = np.array(history.epochs)
+    fig, axes = plt.subplots(len(layer_names), 2, figsize=(7, 2.3 * len(layer_names)), squeeze=False)
+    for row, name in zip(axes, layer_names):
+        moving = history.moving[name]
+        batch = history.batch[name]
+        for ax, k, label in ((row[0], 0, "mean"), (row[1], 1, "variance")):
+            moving_values = [np.median(m[k]) for m in moving]
+            batch_values = [np.median(b.mean if k == 0 else b.var) for b in batch]
+            ax.plot(epochs, batch_values, "o-", ms=3, label=f"batch {label}")
+            ax.plot(epochs, moving_values, "s--", ms=3, label=f"moving {label}")
+            values = np.array(moving_values + batch_values)
+            log = k == 1 and values.min() > 0 and values.max() / values.min() > 10
+            if log:
+                ax.set_yscale("log")
+            ax.set(xlabel="epoch", ylabel=label + (" (log)" if log else ""))
+            ax.set_title(name, fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    plt.show()
+
+
+def plot_gap_heatmap(history: BatchNormHistory, title: str) -> None:
+    """Heatmap of the relative variance gap, BN layers x epochs (log colour). Notebook 04."""
+    plt = _plt()
+    from matplotlib.colors import LogNorm
+
+    gaps = history.relative_gap("var")
+    fig, ax = plt.subplots(figsize=(6, 5))
+    image = ax.imshow(gaps, aspect="auto", cmap="magma", norm=LogNorm(vmin=max(gaps.min(), 1e-3), vmax=gaps.max()),
+                      extent=(history.epochs[0] - 0.5, history.epochs[-1] + 0.5, len(gaps) - 0.5, -0.5))
+    ax.set(xlabel="epoch", ylabel="BatchNormalization layer (0 = input side)", title=title)
+    ax.set_xticks(history.epochs)
+    fig.colorbar(image, ax=ax, label="|moving - batch variance| / batch variance")
+    fig.tight_layout()
+    plt.show()
+
+
+def plot_mode_losses(history: BatchNormHistory, title: str) -> None:
+    """Loss on the training images per epoch, training mode vs inference mode (log). Notebook 04."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.semilogy(history.epochs, history.train_loss, "o-", label="training mode (what fit sees)")
+    ax.semilogy(history.epochs, history.infer_loss, "s-", color="tab:red", label="inference mode (what predict sees)")
+    ax.set(xlabel="epoch", ylabel="loss on the training images (log)", title=title)
+    ax.set_xticks(history.epochs)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    plt.show()
+
+
+def plot_moving_average_law(updates: np.ndarray, measured: np.ndarray, momentum: float, title: str) -> None:
+    """Measured fraction of the way travelled vs the law ``1 - m**n``. Notebook 04.
+
+    ``measured`` is ``(moving - initial) / (batch - initial)`` after each of ``updates``.
+    """
+    plt = _plt()
+    n = np.linspace(0, updates.max(), 200)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(n, 1 - momentum**n, "-", color="tab:gray", label=f"law: 1 - {momentum}^n")
+    ax.plot(updates, measured, "o", ms=4, label="measured (all layers' medians)")
+    ax.set(xlabel="updates n (training-mode calls, weights frozen)",
+           ylabel="fraction of the way\nfrom initial to batch value", ylim=(-0.05, 1.05), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    plt.show()
+
+
+def plot_gap_by_momentum(histories: dict[float, BatchNormHistory], title: str) -> None:
+    """Median relative variance gap and inference-mode accuracy per epoch, one curve per momentum. Notebook 04."""
+    plt = _plt()
+    fig, (ax_gap, ax_acc) = plt.subplots(1, 2, figsize=(8, 3.2))
+    for momentum, history in histories.items():
+        gap = np.median(history.relative_gap("var"), axis=0)
+        ax_gap.semilogy(history.epochs, gap, "o-", ms=3, label=f"momentum {momentum}")
+        ax_acc.plot(history.epochs, history.infer_acc, "o-", ms=3, label=f"momentum {momentum}")
+    ax_gap.set(xlabel="epoch", ylabel="median relative variance gap (log)", title="moving vs batch")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy in inference mode", ylim=(-0.05, 1.05), title="predict on training images")
+    for ax in (ax_gap, ax_acc):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    plt.show()
