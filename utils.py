@@ -10,7 +10,8 @@ Sections: setup, data, model, statistics, remedies, plots.
 from __future__ import annotations
 
 import contextlib
-import math
+import ctypes
+import gc
 import os
 import re
 import sys
@@ -73,6 +74,10 @@ def _stderr_fd_silenced() -> Iterator[None]:
 
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# oneDNN's CPU kernels keep the memory of every model trained in the process,
+# which would push a notebook that trains several models past Binder's 2 GB;
+# without them each freed model's memory is returned (training is ~20 % slower).
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 with _stderr_fd_silenced():
     import tensorflow as tf
     import keras
@@ -93,15 +98,16 @@ def check_versions(installed: dict[str, str] | None = None) -> dict[str, str]:
     """Check TensorFlow, Keras and Pillow against :data:`MIN_VERSIONS`.
 
     Returns the installed versions. Raises ``RuntimeError`` naming every package
-    that is too old and the command that fixes it. ``installed`` overrides the
-    detected versions (for tests). Introduced in notebook 01.
+    that is too old and the command that fixes it. ``installed`` overrides some or
+    all of the detected versions (for tests). Introduced in notebook 01.
     """
     import PIL
 
-    found = installed or {
+    found = {
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "pillow": PIL.__version__,
+        **(installed or {}),
     }
     too_old = [
         f"{name} {found[name]} is older than {minimum} ({why})"
@@ -160,7 +166,8 @@ def image_files(directory: str | os.PathLike) -> list[Path]:
 def _to_gray_float(image: Image.Image) -> np.ndarray:
     """Grayscale float32 array in 0-255 for any Pillow mode.
 
-    16-bit and 32-bit integer images are scaled from 0-65535 (not clipped);
+    16-bit integer images (modes ``I;16*``, and ``I``, which Pillow uses for
+    16-bit PNGs too) are scaled from 0-65535 (not clipped);
     transparent pixels are composited onto :data:`BACKGROUND`.
     """
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -308,6 +315,21 @@ def compile_model(model: keras.Model, learning_rate: float = 1e-3) -> keras.Mode
     return model
 
 
+def release_memory() -> None:
+    """Free what Keras and Python hold of models already deleted (``del model`` first).
+
+    Clears Keras's global session, runs the garbage collector, and on Linux asks
+    glibc to hand freed memory back to the system, so the next model starts
+    from a low watermark. Notebooks 04 and 05 call it between models.
+    """
+    keras.backend.clear_session()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def loss_and_accuracy(outputs, labels: np.ndarray) -> tuple[float, float]:
     """Categorical cross-entropy and accuracy of a model's output, as ``evaluate`` computes them.
 
@@ -336,14 +358,24 @@ def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
 def batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
     """Every BatchNormalization layer of ``model``, nested models included, in order.
 
-    Introduced in notebook 03.
+    The helpers of this module key layers by name, so names must be unique:
+    a ``ValueError`` names any duplicate. Introduced in notebook 03.
     """
+    found = _find_batchnorm(model)
+    names = [layer.name for layer in found]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"BatchNormalization layer names are not unique: {duplicates}")
+    return found
+
+
+def _find_batchnorm(model) -> list:
     found = []
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             found.append(layer)
         elif hasattr(layer, "layers"):
-            found.extend(batchnorm_layers(layer))
+            found.extend(_find_batchnorm(layer))
     return found
 
 
@@ -390,12 +422,13 @@ def recording_batchnorm_inputs(model: keras.Model) -> Iterator[dict[str, list[Mo
         records[layer.name] = []
 
         def spy(inputs, training=None, mask=None, _layer=layer, _call=original):
-            values = np.asarray(keras.ops.convert_to_numpy(inputs), dtype=np.float64)
-            axes = _reduction_axes(_layer, values.ndim)
+            values = keras.ops.cast(inputs, "float32")
+            axes = _reduction_axes(_layer, len(values.shape))
+            mean, var = keras.ops.moments(values, axes=axes)  # as the layer computes them
             records[_layer.name].append(
                 Moments(
-                    values.mean(axis=axes),
-                    values.var(axis=axes),
+                    np.asarray(keras.ops.convert_to_numpy(mean), dtype=np.float64),
+                    np.asarray(keras.ops.convert_to_numpy(var), dtype=np.float64),
                     int(np.prod([values.shape[a] for a in axes])),
                 )
             )
@@ -588,10 +621,10 @@ class BatchNormHistory(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):  # noqa: D102
         if not self.epochs:
-            self._record(0)
+            self._record(0)  # a second fit() continues the epoch count
 
     def on_epoch_end(self, epoch, logs=None):  # noqa: D102
-        self._record(epoch + 1)
+        self._record(self.epochs[-1] + 1)
 
     def on_train_end(self, logs=None):
         """Drop the reference to the model, so a kept history does not keep the model in memory."""
@@ -653,10 +686,92 @@ def recalibrate_batchnorm(
         pooled[name] = total
     layers = batchnorm_layers(model)
     for layer in layers:
-        moments = pooled[layer.name]
-        layer.moving_mean.assign(moments.mean.astype(np.float32))
-        layer.moving_variance.assign(moments.var.astype(np.float32))
+        _assign_moving(layer, pooled[layer.name].mean, pooled[layer.name].var)
     return len(layers)
+
+
+def _assign_moving(layer, mean: np.ndarray, var: np.ndarray) -> None:
+    """Write moving statistics into a BN layer, renorm's extra statistics included."""
+    layer.moving_mean.assign(np.asarray(mean, dtype=np.float32))
+    layer.moving_variance.assign(np.asarray(var, dtype=np.float32))
+    if getattr(layer, "renorm", False):  # renorm derives moving_variance from these
+        stddev = np.sqrt(np.asarray(var, dtype=np.float64) + layer.epsilon).astype(np.float32)
+        layer.moving_stddev.assign(stddev)
+        layer.renorm_mean.assign(np.asarray(mean, dtype=np.float32))
+        layer.renorm_stddev.assign(stddev)
+
+
+@dataclass
+class RemedyResult:
+    """One row of notebook 05's comparison: how a remedy's model answers on the training images."""
+
+    name: str
+    fit_accuracy: float  # fit's accuracy in the last epoch
+    predicted: list[int]  # classes the remedy's prediction gives, all images in one batch
+    accuracy: float
+    loss: float  # as evaluate computes it
+    alone_right: list[bool]  # each image predicted on its own (a batch of one)
+    mode_gap: float  # largest |training-mode output - served output|, probabilities
+    seconds: float  # measured cost: training plus any extra step
+
+
+def measure_remedy(
+    name: str,
+    model: keras.Model,
+    images: np.ndarray,
+    labels: np.ndarray,
+    fit_accuracy: float,
+    seconds: float,
+    training_mode: bool = False,
+) -> RemedyResult:
+    """Measure how ``model`` answers on ``images``, served in inference mode (as ``predict``).
+
+    With ``training_mode=True`` the answers are served by ``model(x, training=True)``
+    instead (the "predict in training mode" remedy); the moving statistics are
+    restored afterwards. Introduced in notebook 05.
+    """
+    with frozen_moving_statistics(model):  # training-mode calls would move the statistics
+        served = model(images, training=training_mode)
+        alone = [
+            int(np.argmax(keras.ops.convert_to_numpy(model(images[i : i + 1], training=training_mode))))
+            for i in range(len(images))
+        ]
+    with frozen_moving_statistics(model):
+        reference = keras.ops.convert_to_numpy(model(images, training=True))
+    loss, acc = loss_and_accuracy(served, labels)
+    served = keras.ops.convert_to_numpy(served)
+    truth = np.argmax(labels, axis=1)
+    return RemedyResult(
+        name=name,
+        fit_accuracy=float(fit_accuracy),
+        predicted=np.argmax(served, axis=1).tolist(),
+        accuracy=acc,
+        loss=loss,
+        alone_right=[a == t for a, t in zip(alone, truth)],
+        mode_gap=float(np.abs(reference - served).max()),
+        seconds=float(seconds),
+    )
+
+
+def format_remedies(results: list[RemedyResult]) -> str:
+    """The comparison table of notebook 05, as fixed-width text."""
+    header = (
+        f"{'remedy':<26} {'fit acc':>7} {'predicted':<11} {'acc':>5} {'loss':>9} "
+        f"{'alone':<7} {'mode gap':>9} {'cost':>8}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        alone = "".join("Y" if ok else "n" for ok in r.alone_right)
+        lines.append(
+            f"{r.name:<26} {r.fit_accuracy:>7.2f} {str(r.predicted).replace(' ', ''):<11} "
+            f"{r.accuracy:>5.2f} {r.loss:>9.3g} {alone:<7} {r.mode_gap:>9.2g} "
+            f"{r.seconds:>6.1f} s"
+        )
+    lines.append(
+        "alone: each image predicted on its own, Y = right; mode gap: largest difference "
+        "between training-mode and served probabilities; cost: measured seconds"
+    )
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------
@@ -807,8 +922,9 @@ def plot_gap_heatmap(history: BatchNormHistory, title: str) -> None:
     from matplotlib.colors import LogNorm
 
     gaps = history.relative_gap("var")
+    vmin = max(gaps[gaps > 0].min(initial=1e-3), 1e-3)
     fig, ax = plt.subplots(figsize=(6, 5))
-    image = ax.imshow(gaps, aspect="auto", cmap="magma", norm=LogNorm(vmin=max(gaps.min(), 1e-3), vmax=gaps.max()),
+    image = ax.imshow(gaps, aspect="auto", cmap="magma", norm=LogNorm(vmin=vmin, vmax=max(gaps.max(), 10 * vmin)),
                       extent=(history.epochs[0] - 0.5, history.epochs[-1] + 0.5, len(gaps) - 0.5, -0.5))
     ax.set(xlabel="epoch", ylabel="BatchNormalization layer (0 = input side)", title=title)
     ax.set_xticks(history.epochs)
@@ -863,5 +979,61 @@ def plot_gap_by_momentum(histories: dict[float, BatchNormHistory], title: str) -
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    plt.show()
+
+
+def replay_moving_statistics(
+    steps: dict[str, list[Moments]], momentum: float, initial: tuple[float, float] = (0.0, 1.0)
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The moving statistics that ``momentum`` would have produced from recorded batch statistics.
+
+    ``steps`` maps layer names to the moments of every training step, as
+    :func:`recording_batchnorm_inputs` records them during ``fit``. Applies
+    ``moving = momentum * moving + (1 - momentum) * batch`` once per step from
+    ``initial`` (Keras's start values: mean 0, variance 1). Valid because
+    ``fit`` never reads the moving statistics: the weights, and so the batch
+    statistics, do not depend on the momentum. Introduced in notebook 05.
+    """
+    replayed = {}
+    for name, moments in steps.items():
+        if not moments:
+            raise ValueError(f"no recorded training step for layer {name!r}")
+        mean = np.full_like(moments[0].mean, initial[0])
+        var = np.full_like(moments[0].var, initial[1])
+        for step in moments:
+            mean = momentum * mean + (1 - momentum) * step.mean
+            var = momentum * var + (1 - momentum) * step.var
+        replayed[name] = (mean, var)
+    return replayed
+
+
+def set_moving_statistics(model: keras.Model, stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Write ``layer name -> (moving_mean, moving_variance)`` into the model's BN layers. Notebook 05."""
+    layers = {layer.name: layer for layer in batchnorm_layers(model)}
+    missing = set(stats) - set(layers)
+    if missing:
+        raise KeyError(f"no BatchNormalization layer named {sorted(missing)}")
+    for name, (mean, var) in stats.items():
+        _assign_moving(layers[name], mean, var)
+
+
+def plot_remedies(results: list[RemedyResult], title: str) -> None:
+    """Accuracy of predict and the training/inference gap, one bar per remedy. Notebook 05."""
+    plt = _plt()
+    names = [r.name for r in results]
+    y = np.arange(len(results))
+    fig, (ax_acc, ax_gap) = plt.subplots(1, 2, figsize=(8, 0.45 * len(results) + 1.6), sharey=True)
+    colors = ["tab:green" if r.accuracy == 1.0 and all(r.alone_right) else "tab:red" for r in results]
+    ax_acc.barh(y, [r.accuracy for r in results], color=colors)
+    ax_acc.set(xlabel="accuracy of the served answers", xlim=(0, 1.05))
+    ax_acc.set_yticks(y, names, fontsize=8)
+    ax_acc.invert_yaxis()
+    ax_gap.barh(y, [max(r.mode_gap, 1e-8) for r in results], color=colors)
+    ax_gap.set_xscale("log")
+    ax_gap.set(xlabel="training vs served gap (log)", xlim=(1e-8, 2))
+    for ax in (ax_acc, ax_gap):
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(title + "\n(green: all right, alone too)", fontsize=10)
     fig.tight_layout()
     plt.show()
