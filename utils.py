@@ -45,8 +45,24 @@ MIN_VERSIONS = {
     "pillow": ("10.0", "Image.Resampling.LANCZOS; Image.ANTIALIAS is gone from Pillow 10"),
 }
 
+#: The repository's root folder (where this file lives).
+ROOT = Path(__file__).resolve().parent
+
+#: Folder of the training images. Set the environment variable ``BN_SERIES_DATA``
+#: to a folder of your own pictures (before starting Jupyter) to run the series on them.
+DATA_DIR = Path(os.environ.get("BN_SERIES_DATA") or ROOT / "data" / "train")
+
 #: Folder for everything the series generates (git-ignored).
-OUTPUT_DIR = Path(__file__).resolve().parent / "output"
+OUTPUT_DIR = ROOT / "output"
+
+#: The series' GitHub repository, owner/name: the one definition every Binder link uses.
+REPOSITORY = "batchnorm-series/fit-vs-predict"
+
+
+def binder_url(path: str = "") -> str:
+    """The mybinder.org link that opens ``path`` (e.g. ``notebooks/01_load_images.ipynb``) in JupyterLab."""
+    base = f"https://mybinder.org/v2/gh/{REPOSITORY}/HEAD"
+    return f"{base}?urlpath=lab/tree/{path}" if path else f"{base}?urlpath=lab"
 
 
 @contextlib.contextmanager
@@ -121,6 +137,9 @@ def check_versions(installed: dict[str, str] | None = None) -> dict[str, str]:
             + "\nInstall the tested versions with:  pip install -r requirements.txt"
         )
     return found
+
+
+_VERSIONS = check_versions()  # stop at import, with the fix, if a package is too old
 
 
 def setup(seed: int = SEED) -> None:

@@ -1097,3 +1097,10 @@ def test_release_memory_clears_the_session():
     utils.release_memory()
     second = keras.layers.Dense(1)
     assert first.name == second.name  # the name counter started again
+
+
+def test_binder_url_uses_the_repository():
+    assert utils.binder_url().startswith(f"https://mybinder.org/v2/gh/{utils.REPOSITORY}/HEAD")
+    assert utils.binder_url("notebooks/01_load_images.ipynb").endswith(
+        "?urlpath=lab/tree/notebooks/01_load_images.ipynb"
+    )

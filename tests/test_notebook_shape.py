@@ -1,0 +1,94 @@
+"""Every notebook has the series' shape, and every Binder link uses the one repository definition."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import utils
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+BINDER_LINK = re.compile(r"https://mybinder\.org/v2/gh/[^)\s\"]+")
+
+
+def cells(path):
+    return json.loads(path.read_text(encoding="utf-8"))["cells"]
+
+
+def markdown(path):
+    return ["".join(c["source"]) for c in cells(path) if c["cell_type"] == "markdown"]
+
+
+def code(path):
+    return ["".join(c["source"]) for c in cells(path) if c["cell_type"] == "code"]
+
+
+def test_there_are_numbered_notebooks():
+    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, len(NOTEBOOKS) + 1)]
+    assert len(NOTEBOOKS) >= 5
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_top_title_badge_cost_and_reading(path):
+    top = markdown(path)[0]
+    assert top.startswith(f"# {path.name[:2]} · "), "the first cell starts with the numbered title"
+    links = BINDER_LINK.findall(top)
+    assert links == [utils.binder_url(f"notebooks/{path.name}")], "the badge opens this very notebook"
+    assert re.search(r"\*\*Needs:\*\* about \d+ s and \d+\.\d GB .* 2-core CPU", top), "time and memory"
+    assert "**Read first:**" in top
+    # the sentence on what you will see happen comes right after the title
+    assert len(top.split("\n\n")[1]) > 40
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_setup_checks_versions_and_last_cell_reports_cost(path):
+    sources = code(path)
+    assert "utils.setup()" in sources[0], "the first code cell is the setup cell"
+    assert "print(utils.resources())" in sources[-1], "the last cell prints what the notebook cost"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_summary_exercises_and_neighbour_links(path):
+    text = "\n".join(markdown(path))
+    assert "## Summary" in text and "## Exercises" in text
+    index = NOTEBOOKS.index(path)
+    end = markdown(path)[-1]
+    if index > 0:
+        assert f"]({NOTEBOOKS[index - 1].name})" in end, "links to the previous notebook"
+    if index < len(NOTEBOOKS) - 1:
+        assert f"]({NOTEBOOKS[index + 1].name})" in end, "links to the next notebook"
+    for target in re.findall(r"\]\((\d\d_[^)]+\.ipynb)\)", text):
+        assert (ROOT / "notebooks" / target).exists(), f"broken link to {target}"
+
+
+def test_every_binder_link_uses_the_one_repository_definition():
+    prefix = f"https://mybinder.org/v2/gh/{utils.REPOSITORY}/HEAD"
+    texts = {"README.md": (ROOT / "README.md").read_text(encoding="utf-8")}
+    texts.update({p.name: "\n".join(markdown(p)) for p in NOTEBOOKS})
+    for name, text in texts.items():
+        for link in BINDER_LINK.findall(text):
+            assert link.startswith(prefix), f"{name}: {link} does not use utils.REPOSITORY"
+    assert utils.binder_url() in texts["README.md"], "README has the badge that opens the series"
+
+
+def test_binder_url():
+    assert utils.binder_url() == f"https://mybinder.org/v2/gh/{utils.REPOSITORY}/HEAD?urlpath=lab"
+    assert utils.binder_url("notebooks/x.ipynb").endswith("?urlpath=lab/tree/notebooks/x.ipynb")
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    command = re.search(r"```bash\n(python -m pytest [^\n]+)\n```", readme).group(1)
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()
+    assert command in ci, "the README's test command is the one .ci/run runs"
+
+
+def test_binder_files_pin_the_environment():
+    runtime = (ROOT / "runtime.txt").read_text(encoding="utf-8").strip()
+    assert re.fullmatch(r"python-3\.\d+", runtime)
+    assert not (ROOT / "environment.yml").exists(), "environment.yml would make Binder ignore runtime.txt"
+    for line in (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][^\s]*", line.strip()), f"not pinned: {line}"
