@@ -170,13 +170,13 @@ def image_files(directory: str | os.PathLike) -> list[Path]:
 
     Hidden entries (``.ipynb_checkpoints``, ``.DS_Store``, ...) and
     sub-folders are skipped. Raises ``FileNotFoundError`` if the folder does
-    not exist and ``NotADirectoryError`` if it is a file. Introduced in notebook 01.
+    not exist and ``ValueError`` if it is a file. Introduced in notebook 01.
     """
     folder = Path(directory)
     if not folder.exists():
         raise FileNotFoundError(f"image folder not found: {folder}")
     if not folder.is_dir():
-        raise NotADirectoryError(f"not a folder: {folder}")
+        raise ValueError(f"{folder} is a file, not a folder of images")
     return sorted(
         p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file()
     )
@@ -213,6 +213,8 @@ def load_image(path: str | os.PathLike, size: int = IMAGE_SIZE) -> np.ndarray:
     ``ValueError`` naming the file if it is not a readable image.
     """
     path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"{path.name}: the file is empty (0 bytes), not an image")
     try:
         with Image.open(path) as image:
             image.load()

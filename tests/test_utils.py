@@ -223,7 +223,7 @@ def test_image_files_missing_folder_and_file_path(tmp_path):
     with pytest.raises(FileNotFoundError):
         utils.image_files(tmp_path / "nowhere")
     a_file = _save_gray(tmp_path / "a.png", 0)
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(ValueError, match="is a file, not a folder"):
         utils.image_files(a_file)
 
 
@@ -256,6 +256,8 @@ def test_load_image_rejects_unreadable_files_by_name(tmp_path):
         with pytest.raises(ValueError) as info:
             utils.load_image(bad, size=8)
         assert bad.name in str(info.value)
+    with pytest.raises(ValueError, match="empty"):
+        utils.load_image(empty, size=8)
 
 
 def test_load_images_names_the_unreadable_file(tmp_path):
@@ -1104,3 +1106,20 @@ def test_binder_url_uses_the_repository():
     assert utils.binder_url("notebooks/01_load_images.ipynb").endswith(
         "?urlpath=lab/tree/notebooks/01_load_images.ipynb"
     )
+
+
+def test_load_images_raises_only_the_documented_types(tmp_path):
+    """Whatever the bad input, the learner meets FileNotFoundError or ValueError, never Pillow's own."""
+    cases = {"missing": None, "empty": [], "one": ["a.png"], "junk": ["a.png", "b.bin"]}
+    for name, files in cases.items():
+        folder = tmp_path / name
+        if files is not None:
+            folder.mkdir()
+            for f in files:
+                if f.endswith(".png"):
+                    _save_gray(folder / f, 10)
+                else:
+                    (folder / f).write_bytes(bytes(range(256)))
+        with pytest.raises((FileNotFoundError, ValueError)) as info:
+            utils.load_images(folder)
+        assert type(info.value) in (FileNotFoundError, ValueError)
