@@ -41,7 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
-OUTPUT = ROOT / "output"
+OUTPUT = ROOT / "output"  # utils.OUTPUT_DIR; not imported here, it would load TensorFlow
 
 #: Targets: seconds per notebook, seconds for the whole series, peak memory per kernel (MB).
 NOTEBOOK_SECONDS = 120.0
