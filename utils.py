@@ -1053,6 +1053,9 @@ def plot_remedies(results: list[RemedyResult], title: str) -> None:
     ax_gap.barh(y, [max(r.mode_gap, 1e-8) for r in results], color=colors)
     ax_gap.set_xscale("log")
     ax_gap.set(xlabel="training vs served gap (log)", xlim=(1e-8, 2))
+    for i, r in enumerate(results):  # zero (or tiny) gaps have no visible bar: say them
+        ax_gap.text(2e-8, i, "0" if r.mode_gap == 0 else f"{r.mode_gap:.0e}", va="center", fontsize=7,
+                    color="white" if r.mode_gap > 1e-6 else "black")
     for ax in (ax_acc, ax_gap):
         ax.grid(alpha=0.3, axis="x")
     fig.suptitle(title + "\n(green: all right, alone too)", fontsize=10)
