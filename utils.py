@@ -546,12 +546,10 @@ def diagnose_batchnorm(
     if ratio_tol < 1:
         raise ValueError(f"ratio_tol={ratio_tol} must be at least 1")
     batch, _ = batch_statistics(model, images, training=True)
+    moving = moving_statistics(model)
     rows = []
     for index, layer in enumerate(batchnorm_layers(model)):
-        moving_mean, moving_var = (
-            np.asarray(v.numpy(), dtype=np.float64)
-            for v in (layer.moving_mean, layer.moving_variance)
-        )
+        moving_mean, moving_var = moving[layer.name]
         seen = batch[layer.name]
         eps = float(layer.epsilon)
         shift = np.abs(moving_mean - seen.mean) / np.sqrt(seen.var + eps)
