@@ -1,0 +1,155 @@
+"""Every helper of ``utils.py`` is introduced before a notebook leans on it, and says where.
+
+The series shows an idea in the open first and lets ``utils`` carry it afterwards. So:
+
+- every ``utils.NAME`` that a notebook's code uses is introduced in that notebook or an
+  earlier one: named in a Markdown cell (``NAME`` or ``utils.NAME`` in backticks) or written
+  out in a code cell (``def NAME`` / ``class NAME``);
+- every public function and class of ``utils.py`` says in its docstring
+  "Introduced in notebook NN" (optionally ", section S"), and NN is the first notebook that
+  introduces it; a section number, when given, is a numbered heading of that notebook.
+
+The notebooks are found by their names (``notebooks/NN_*.ipynb``), so new ones are covered.
+"""
+
+import inspect
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import utils
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+INTRODUCED = re.compile(r"Introduced in notebook (\d\d)(?:, section (\d+))?")
+USED = re.compile(r"\butils\.([A-Za-z_]\w*)")
+FENCED = re.compile(r"```.*?```", re.S)
+INLINE = re.compile(r"`([^`\n]+)`")
+
+
+def _cells(path):
+    return json.loads(path.read_text(encoding="utf-8"))["cells"]
+
+
+def _number(path):
+    return path.name[:2]
+
+
+def _public_helpers():
+    """Public functions and classes defined in utils.py (not imported into it)."""
+    return {
+        name: value
+        for name, value in vars(utils).items()
+        if not name.startswith("_")
+        and (inspect.isfunction(value) or inspect.isclass(value))
+        and getattr(value, "__module__", None) == utils.__name__
+    }
+
+
+def _public_names():
+    """Every public attribute of utils that is its own (helpers and constants, not modules)."""
+    return {
+        name
+        for name, value in vars(utils).items()
+        if not name.startswith("_")
+        and not inspect.ismodule(value)
+        and getattr(value, "__module__", utils.__name__) == utils.__name__
+    }
+
+
+def _code_spans(markdown):
+    """The code a Markdown cell shows: fenced blocks and inline spans."""
+    fenced = FENCED.findall(markdown)
+    rest = FENCED.sub(" ", markdown)
+    return fenced + INLINE.findall(rest)
+
+
+def _introduced_names(path, names):
+    """Names of ``names`` that the notebook introduces: in Markdown code, or defined in code."""
+    found = set()
+    for cell in _cells(path):
+        source = "".join(cell["source"])
+        if cell["cell_type"] == "markdown":
+            spans = _code_spans(source)
+            found |= {n for n in names if any(re.search(rf"\b{n}\b", s) for s in spans)}
+        elif cell["cell_type"] == "code":
+            found |= {n for n in names if re.search(rf"^\s*(def|class)\s+{n}\b", source, re.M)}
+    return found
+
+
+def _used_names(path):
+    """``utils.NAME`` attributes that the notebook's code cells use."""
+    names = set()
+    for cell in _cells(path):
+        if cell["cell_type"] == "code":
+            names |= set(USED.findall("".join(cell["source"])))
+    return names
+
+
+def _first_introduction(names):
+    """Name -> number of the first notebook that introduces it (names never introduced are absent)."""
+    first = {}
+    for path in NOTEBOOKS:
+        for name in _introduced_names(path, names):
+            first.setdefault(name, _number(path))
+    return first
+
+
+def _numbered_sections(path):
+    sections = set()
+    for cell in _cells(path):
+        if cell["cell_type"] == "markdown":
+            sections |= set(re.findall(r"^##\s+(\d+)\.", "".join(cell["source"]), re.M))
+    return sections
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_helper_a_notebook_uses_is_introduced_there_or_earlier(path):
+    names = _public_names()
+    used = _used_names(path) & names
+    first = _first_introduction(names)
+    late = sorted(n for n in used if first.get(n, "99") > _number(path))
+    assert not late, (
+        f"{path.name} uses utils.{', utils.'.join(late)} before any notebook introduces it "
+        "(name it in a Markdown cell, `utils.NAME`, or write it out first)"
+    )
+
+
+def test_every_name_a_notebook_uses_exists_in_utils():
+    names = _public_names()
+    for path in NOTEBOOKS:
+        unknown = sorted(_used_names(path) - names - {"py"})  # "utils.py" in prose-like comments
+        assert not unknown, f"{path.name} uses utils.{', utils.'.join(unknown)}, which utils lacks"
+
+
+@pytest.mark.parametrize("name", sorted(_public_helpers()))
+def test_every_public_helper_says_which_notebook_introduces_it(name):
+    doc = inspect.getdoc(_public_helpers()[name]) or ""
+    match = INTRODUCED.search(" ".join(doc.split()))
+    assert match, f"utils.{name}: the docstring lacks 'Introduced in notebook NN'"
+    number, section = match.groups()
+    paths = {_number(p): p for p in NOTEBOOKS}
+    assert number in paths, f"utils.{name}: there is no notebook {number}"
+    first = _first_introduction({name}).get(name)
+    assert first in (None, number), (
+        f"utils.{name}: the docstring says notebook {number}, but notebook {first} introduces it"
+    )
+    if section is not None:
+        assert section in _numbered_sections(paths[number]), (
+            f"utils.{name}: notebook {number} has no section {section}"
+        )
+
+
+def test_the_rules_see_what_they_should():
+    """The parsing itself: Markdown code spans count, plain prose and other code do not."""
+    markdown = "Use `utils.frozen_moving_statistics(model)` here; memorised is prose.\n```python\nx = utils.accuracy(p, y)\n```"
+    spans = _code_spans(markdown)
+    assert any("frozen_moving_statistics" in s for s in spans)
+    assert any("accuracy" in s for s in spans)
+    assert not any(re.search(r"\bmemorised\b", s) for s in spans)
+    assert USED.findall("a = utils.moving_statistics(m)  # utils.SEED") == [
+        "moving_statistics",
+        "SEED",
+    ]
