@@ -296,13 +296,16 @@ def build_resnet50(
     momentum: float = 0.99,
     normalization: str = "batch",
     seed: int = SEED,
+    renorm_clipping: dict[str, float] | None = None,
 ) -> keras.Model:
     """The case's model: ``ResNet50(weights=None, input_shape=(size, size, 1), classes=N)``.
 
     The seed is set first, so every call gives the same initial weights.
     ``momentum`` is set on all BatchNormalization layers. ``normalization``
-    replaces them: ``"batch"`` (as built), ``"renorm"`` (Batch Renormalization)
-    or ``"group"`` (GroupNormalization, 32 groups). Call
+    replaces them: ``"batch"`` (as built), ``"renorm"`` (Batch Renormalization,
+    Ioffe 2017; ``renorm_clipping`` is passed to every layer: ``{"rmax": ...,
+    "rmin": ..., "dmax": ...}``, Keras clips nothing without it) or ``"group"``
+    (GroupNormalization, 32 groups, Wu & He 2018; notebook 05). Call
     ``keras.backend.clear_session()`` and drop the old model before building
     a new one, to keep one model in memory. Introduced in notebook 02.
     """
@@ -314,14 +317,18 @@ def build_resnet50(
     model = keras.applications.ResNet50(
         weights=None, input_shape=(size, size, 1), classes=num_classes
     )
+    if renorm_clipping is not None and normalization != "renorm":
+        raise ValueError("renorm_clipping needs normalization='renorm'")
     if normalization != "batch":
-        model = _replace_batchnorm(model, normalization)
+        model = _replace_batchnorm(model, normalization, renorm_clipping)
     for layer in batchnorm_layers(model):
         layer.momentum = float(momentum)
     return model
 
 
-def _replace_batchnorm(model: keras.Model, kind: str) -> keras.Model:
+def _replace_batchnorm(
+    model: keras.Model, kind: str, renorm_clipping: dict[str, float] | None = None
+) -> keras.Model:
     """Clone ``model`` with every BatchNormalization swapped, other weights kept."""
 
     def swap(layer):
@@ -329,7 +336,9 @@ def _replace_batchnorm(model: keras.Model, kind: str) -> keras.Model:
             return layer.__class__.from_config(layer.get_config())
         config = layer.get_config()
         if kind == "renorm":
-            return keras.layers.BatchNormalization.from_config({**config, "renorm": True})
+            return keras.layers.BatchNormalization.from_config(
+                {**config, "renorm": True, "renorm_clipping": dict(renorm_clipping or {})}
+            )
         return _GroupNormalization(
             groups=32, axis=config["axis"], epsilon=config["epsilon"], name=config["name"]
         )
@@ -444,31 +453,79 @@ def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
 # ---------------------------------------------------------------------------
 
 
-def batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
-    """Every BatchNormalization layer of ``model``, nested models included, in order.
+def named_batchnorm_layers(model: keras.layers.Layer) -> dict[str, keras.layers.BatchNormalization]:
+    """Every BatchNormalization layer in ``model``'s whole layer tree, keyed by a unique path.
 
-    The helpers of this module key layers by name, so names must be unique:
-    a ``ValueError`` names any duplicate. Introduced in notebook 03.
+    Walks the list of sub-layers Keras itself tracks on every layer (``Layer._layers``,
+    the list that ``Layer._flatten_layers`` walks, in ``keras/src/layers/layer.py``):
+    layers of functional, Sequential and subclassed models, layers that a custom
+    layer holds as attributes or in lists and dicts, the layer a wrapper such as
+    ``TimeDistributed`` wraps, and nested models. Subclasses of BatchNormalization
+    count. A layer reachable twice (shared) appears once, under its first path.
+
+    Keys: a top-level layer keeps its plain name (``"conv1_bn"`` in ResNet50); a
+    nested one is prefixed with the names of the layers that contain it, joined by
+    ``/`` (``"outer_block/batch_normalization"``). Should two layers still get the
+    same path (a custom layer may name two sub-layers alike), the later ones get
+    ``#2``, ``#3``, ... appended. Order: depth first, in the order Keras tracks the
+    layers (for functional and Sequential models the order of the graph, input side
+    first; inside a custom layer the order its ``__init__`` created them). Every dict
+    of this module that holds per-layer results uses these keys. Introduced in
+    notebook 03.
     """
-    found = _find_batchnorm(model)
-    names = [layer.name for layer in found]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise ValueError(f"BatchNormalization layer names are not unique: {duplicates}")
+    return dict(_find_batchnorm(model))
+
+
+def batchnorm_layers(model: keras.layers.Layer) -> list[keras.layers.BatchNormalization]:
+    """Every BatchNormalization layer in ``model``'s layer tree, in the order of
+    :func:`named_batchnorm_layers` (which also gives each one's unique path).
+
+    Nested models, custom layers, wrappers and lists of layers included; an empty list
+    when there is none. Introduced in notebook 03.
+    """
+    return [layer for _, layer in _find_batchnorm(model)]
+
+
+def _find_batchnorm(model) -> list[tuple[str, keras.layers.BatchNormalization]]:
+    """``(path, layer)`` pairs, depth first over the sub-layers Keras tracks (``_layers``)."""
+    bn_class = keras.layers.BatchNormalization
+    if isinstance(model, bn_class):
+        return [(model.name, model)]
+    found: list[tuple[str, keras.layers.BatchNormalization]] = []
+    seen = {id(model)}
+    taken: set[str] = set()
+
+    def visit(parent, prefix: str) -> None:
+        for child in getattr(parent, "_layers", None) or ():
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            path = prefix + child.name
+            if isinstance(child, bn_class):
+                unique, k = path, 2
+                while unique in taken:
+                    unique, k = f"{path}#{k}", k + 1
+                taken.add(unique)
+                found.append((unique, child))
+            visit(child, path + "/")
+
+    visit(model, "")
     return found
 
 
-def _find_batchnorm(model) -> list:
-    found = []
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            found.append(layer)
-        elif hasattr(layer, "layers"):
-            found.extend(_find_batchnorm(layer))
-    return found
+def _require_batchnorm(model, purpose: str) -> dict[str, keras.layers.BatchNormalization]:
+    """:func:`named_batchnorm_layers`, or a ``ValueError`` saying there is none."""
+    layers = named_batchnorm_layers(model)
+    if not layers:
+        raise ValueError(
+            f"{getattr(model, 'name', model)!r} has no BatchNormalization layer (searched its "
+            f"whole layer tree), so there is nothing to {purpose}"
+        )
+    return layers
 
 
 def _reduction_axes(layer, ndim: int) -> tuple[int, ...]:
+    """The axes a BN layer averages over for an input of rank ``ndim``: all but ``layer.axis``."""
     axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
     keep = {a % ndim for a in axes}
     return tuple(i for i in range(ndim) if i not in keep)
@@ -476,11 +533,19 @@ def _reduction_axes(layer, ndim: int) -> tuple[int, ...]:
 
 @dataclass
 class Moments:
-    """Per-channel mean and (biased) variance of the inputs one layer saw, and how many values per channel."""
+    """Per-channel mean and (biased) variance of what one layer received, and the count per channel.
+
+    ``mean`` and ``var`` have shape ``(channels,)``, float64; ``count`` is the number of
+    values averaged per channel (samples x positions, e.g. ``N*H*W`` for images with
+    channels last). ``training`` says whether the layer normalized with these very
+    moments (it ran in training mode: ``training=True`` and ``layer.trainable``),
+    ``None`` when unknown. Introduced in notebook 03.
+    """
 
     mean: np.ndarray
     var: np.ndarray
     count: int
+    training: bool | None = None
 
     def merged(self, other: "Moments") -> "Moments":
         """Moments of both sets of values together (exact, Chan et al.'s update)."""
@@ -492,96 +557,206 @@ class Moments:
             + other.var * other.count
             + delta**2 * (self.count * other.count / n)
         )
-        return Moments(mean, m2 / n, n)
+        training = self.training if self.training == other.training else None
+        return Moments(mean, m2 / n, n, training)
+
+
+def _pooled(calls: list[Moments]) -> Moments:
+    total = calls[0]
+    for moments in calls[1:]:
+        total = total.merged(moments)
+    return total
+
+
+#: Recordings currently open (innermost last); a probe hides its calls from these.
+_OPEN_RECORDINGS: list[dict] = []
+
+
+def _input_moments(layer, inputs, mask, training) -> Moments:
+    """Moments over the layer's reduction axes, as ``BatchNormalization._moments`` computes them."""
+    values = keras.ops.cast(inputs, "float32")  # the layer computes in float32 too
+    axes = _reduction_axes(layer, len(values.shape))
+    if mask is None:
+        mean, var = keras.ops.moments(values, axes=axes)
+        count = int(np.prod([values.shape[a] for a in axes]))
+    else:  # masked positions (mask has the input's shape without the channel axis) left out
+        weights = keras.ops.broadcast_to(
+            keras.ops.expand_dims(keras.ops.cast(mask, "float32"), -1), keras.ops.shape(values)
+        )
+        total = keras.ops.sum(weights, axis=axes, keepdims=True)
+        mean = keras.ops.sum(weights * values, axis=axes, keepdims=True) / total
+        var = keras.ops.sum(weights * (values - mean) ** 2, axis=axes, keepdims=True) / total
+        count = int(round(float(keras.ops.convert_to_numpy(total).reshape(-1)[0])))
+    return Moments(
+        np.asarray(keras.ops.convert_to_numpy(mean), dtype=np.float64).reshape(-1),
+        np.asarray(keras.ops.convert_to_numpy(var), dtype=np.float64).reshape(-1),
+        count,
+        bool(training) and bool(layer.trainable),
+    )
 
 
 @contextlib.contextmanager
-def recording_batchnorm_inputs(model: keras.Model) -> Iterator[dict[str, list[Moments]]]:
+def recording_batchnorm_inputs(model: keras.layers.Layer) -> Iterator[dict[str, list[Moments]]]:
     """Record the moments of what every BatchNormalization layer receives.
 
-    Yields a dict ``layer name -> list of Moments``, one per call made inside
-    the block (eager calls such as ``model(x, training=...)``). Introduced in
-    notebook 03.
+    Yields a dict ``path -> list of Moments`` (paths as in
+    :func:`named_batchnorm_layers`), one entry per call of the layer made inside the
+    block: eager calls such as ``model(x, training=...)``, or ``fit`` of a model
+    compiled with ``run_eagerly=True``. A layer called several times per forward
+    pass (a shared layer, or one inside ``TimeDistributed``, called once per time
+    step) gets one entry per call. A call traced into a graph (``fit`` or
+    ``predict`` without ``run_eagerly``) raises ``RuntimeError``; a graph traced
+    before the block is not seen at all.
+
+    It wraps each layer's ``call`` (an instance attribute, restored to exactly what
+    it was on leaving, even on an error) rather than building a functional
+    sub-model of the layers' inputs: a sub-model exists only for functional models
+    and sees only tensors of the top-level graph, while the wrapped call sees every
+    call of the layer, inside custom layers, wrappers and subclassed models too.
+
+    Blocks nest: an inner recording sees its calls, and so do the outer ones,
+    except for calls made inside :func:`frozen_moving_statistics` (the probes that
+    ``batch_statistics``, ``diagnose_batchnorm``, ``recalibrate_batchnorm`` and the
+    callbacks run), which outer recordings do not see. Introduced in notebook 03.
     """
     records: dict[str, list[Moments]] = {}
-    originals = {}
-    for layer in batchnorm_layers(model):
-        original = layer.call
-        originals[id(layer)] = (layer, original)
-        records[layer.name] = []
-
-        def spy(inputs, training=None, mask=None, _layer=layer, _call=original):
-            values = keras.ops.cast(inputs, "float32")
-            axes = _reduction_axes(_layer, len(values.shape))
-            mean, var = keras.ops.moments(values, axes=axes)  # as the layer computes them
-            records[_layer.name].append(
-                Moments(
-                    np.asarray(keras.ops.convert_to_numpy(mean), dtype=np.float64),
-                    np.asarray(keras.ops.convert_to_numpy(var), dtype=np.float64),
-                    int(np.prod([values.shape[a] for a in axes])),
-                )
-            )
-            return _call(inputs, training=training, mask=mask)
-
-        layer.call = spy
+    recording = {"records": records, "active": True}
+    wrapped = []
+    missing = object()
     try:
+        for path, layer in _find_batchnorm(model):
+            records[path] = []
+            previous = vars(layer).get("call", missing)
+            inner = layer.call
+
+            def spy(*args, _path=path, _layer=layer, _inner=inner, **kwargs):
+                inputs = args[0] if args else kwargs.get("inputs")
+                if recording["active"] and not isinstance(inputs, keras.KerasTensor):
+                    if not tf.executing_eagerly():
+                        raise RuntimeError(
+                            f"recording_batchnorm_inputs saw layer {_path!r} called inside a "
+                            "traced graph, where its inputs cannot be read; compile the model "
+                            "with run_eagerly=True, or call it directly: model(x, training=...)"
+                        )
+                    training = kwargs.get("training", args[1] if len(args) > 1 else None)
+                    records[_path].append(
+                        _input_moments(_layer, inputs, kwargs.get("mask"), training)
+                    )
+                return _inner(*args, **kwargs)
+
+            layer.call = spy
+            wrapped.append((layer, spy, previous))
+        _OPEN_RECORDINGS.append(recording)
         yield records
     finally:
-        for layer, _ in originals.values():
-            del layer.call  # back to the class's method
+        _OPEN_RECORDINGS[:] = [r for r in _OPEN_RECORDINGS if r is not recording]
+        for layer, spy, previous in reversed(wrapped):
+            if vars(layer).get("call") is not spy:
+                continue  # replaced since by someone else: theirs to restore
+            if previous is missing:
+                del layer.call  # back to the class's method
+            else:
+                layer.call = previous
 
 
 @contextlib.contextmanager
-def frozen_moving_statistics(model: keras.Model) -> Iterator[None]:
-    """Restore every normalization layer's non-trainable state on leaving the block.
+def frozen_moving_statistics(model: keras.layers.Layer) -> Iterator[None]:
+    """Restore every BatchNormalization layer's non-trainable state on leaving the block.
 
     A Keras 3 call with ``training=True`` updates the moving statistics as a
-    side effect; inside this block it may, and they are put back afterwards.
-    Introduced in notebook 03.
+    side effect; inside this block it may, and they (with renorm's extra
+    statistics) are put back afterwards, even on an error. Calls made inside the
+    block are probes: recordings opened outside it (:func:`recording_batchnorm_inputs`)
+    do not see them, so a check run inside ``fit`` (a callback) adds no step to a
+    recording of ``fit``. Introduced in notebook 03.
     """
     layers = batchnorm_layers(model)
     saved = [[v.numpy() for v in layer.non_trainable_variables] for layer in layers]
+    hidden = [r for r in _OPEN_RECORDINGS if r["active"]]  # compared by identity only
+    for recording in hidden:
+        recording["active"] = False
     try:
         yield
     finally:
+        for recording in hidden:
+            recording["active"] = True
         for layer, values in zip(layers, saved):
             for variable, value in zip(layer.non_trainable_variables, values):
                 variable.assign(value)
 
 
-def moving_statistics(model: keras.Model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``layer name -> (moving_mean, moving_variance)`` as float64 arrays. Notebook 03."""
+def moving_statistics(model: keras.layers.Layer) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``path -> (moving_mean, moving_variance)``, float64 arrays of shape ``(channels,)``.
+
+    Paths as in :func:`named_batchnorm_layers` (plain layer names at top level).
+    Introduced in notebook 03.
+    """
     return {
-        layer.name: (
+        path: (
             np.asarray(layer.moving_mean.numpy(), dtype=np.float64),
             np.asarray(layer.moving_variance.numpy(), dtype=np.float64),
         )
-        for layer in batchnorm_layers(model)
+        for path, layer in _find_batchnorm(model)
     }
 
 
 def batch_statistics(
-    model: keras.Model, images: np.ndarray, training: bool = True
+    model: keras.layers.Layer, images, training: bool = True
 ) -> tuple[dict[str, Moments], object]:
     """Moments of the batch each BatchNormalization layer sees, and the model's output tensor.
 
-    Runs ``model(images, training=training)`` once, leaving the moving
+    Runs ``model(images, training=training)`` once (``images``: whatever the model
+    takes as one batch: an array, a list or a dict of arrays), leaving the moving
     statistics untouched. With ``training=True`` these are the statistics the
-    layers normalize with in ``fit``; with ``False``, what they receive in
-    ``predict``. Introduced in notebook 03.
+    trainable layers normalize with in ``fit``; with ``False``, what the layers
+    receive in ``predict``. Keys are paths (:func:`named_batchnorm_layers`); a layer
+    called more than once in the pass (shared, or inside ``TimeDistributed``) gets
+    its calls pooled; a layer the pass never calls is left out. Introduced in
+    notebook 03.
     """
     with frozen_moving_statistics(model), recording_batchnorm_inputs(model) as records:
         outputs = model(images, training=training)
-    return {name: calls[-1] for name, calls in records.items()}, outputs
+    return {path: _pooled(calls) for path, calls in records.items() if calls}, outputs
+
+
+def log_variance_ratio(moving_var, batch_var, eps: float = 1e-3) -> np.ndarray:
+    """Per channel, ``log(moving_var + eps) - log(batch_var + eps)`` (natural log), float64.
+
+    The variance gap of a BatchNormalization layer on a scale that treats "twice
+    too large" and "half too small" alike: its absolute value is ``log 2 = 0.69``
+    either way, 0 when the moving variance is right. Positive: the moving variance
+    (used by ``predict``) is larger than the batch's (used by ``fit``), so inference
+    shrinks the layer's output by ``exp(value / 2)``. ``eps`` is the layer's
+    ``epsilon`` (Keras default 1e-3), which the layer adds before the square root,
+    so channels whose variances both lie far below it count as equal. Arrays of any
+    matching shape (usually ``(channels,)``; broadcasting applies). The measure of
+    :func:`diagnose_batchnorm` (median and worst channel of the absolute value) and
+    of notebook 04's heatmap. Introduced in notebook 03.
+    """
+    moving = np.asarray(moving_var, dtype=np.float64)
+    batch = np.asarray(batch_var, dtype=np.float64)
+    return np.log(moving + eps) - np.log(batch + eps)
 
 
 @dataclass
 class LayerGap:
     """How far one BatchNormalization layer's moving statistics are from the batch's.
 
-    ``shift``: median over channels of ``|moving_mean - batch_mean| / batch_std``.
-    ``var_ratio``: median over channels of ``moving_var / batch_var`` (1 is right).
+    ``name``: the layer's path (:func:`named_batchnorm_layers`).
+    ``batch_var`` and ``moving_var``: medians over channels.
+    ``shift``: median over channels of ``|moving_mean - batch_mean| / batch_std``
+    (``batch_std = sqrt(batch_var + epsilon)``).
+    ``var_ratio``: median over channels of ``(moving_var + eps) / (batch_var + eps)`` (1 is right).
     ``worst_shift`` and ``worst_ratio``: the channel furthest off.
+    ``log_var_gap`` and ``worst_log_var_gap``: median and largest over channels of
+    ``|log_variance_ratio|`` (0 is right; ``log 1.5 = 0.41``); when not given, taken
+    from ``var_ratio`` and ``worst_ratio``.
+    ``flagged``: the statistics are off (beyond the thresholds of :func:`diagnose_batchnorm`).
+    ``frozen``: ``trainable`` is False, so the layer runs in inference mode in ``fit``
+    too (``keras/src/layers/normalization/batch_normalization.py``: training mode
+    needs ``training=True`` and ``trainable``).
+    ``never_updated``: moving mean exactly 0 and variance exactly 1, Keras's start values.
+    :attr:`verdict` says it in words. Introduced in notebook 03.
     """
 
     index: int
@@ -594,109 +769,258 @@ class LayerGap:
     worst_shift: float
     worst_ratio: float
     flagged: bool
+    log_var_gap: float = float("nan")
+    worst_log_var_gap: float = float("nan")
+    frozen: bool = False
+    never_updated: bool = False
+
+    def __post_init__(self) -> None:
+        # Rows built by hand with the first ten fields only: the gap from the ratios.
+        if np.isnan(self.log_var_gap):
+            self.log_var_gap = abs(float(np.log(self.var_ratio)))
+        if np.isnan(self.worst_log_var_gap):
+            self.worst_log_var_gap = abs(float(np.log(self.worst_ratio)))
+
+    @property
+    def in_fit(self) -> str:
+        """``"trains"`` (normalizes with batch statistics in ``fit``) or ``"frozen"``."""
+        return "frozen" if self.frozen else "trains"
+
+    @property
+    def verdict(self) -> str:
+        """In words: ``"ok"``; ``"never updated"`` (start values 0 and 1 kept, and they
+        do not describe the data); ``"mismatch"`` (a trainable layer: ``predict``
+        normalizes differently from ``fit``); ``"frozen, off"`` (a frozen layer whose
+        statistics do not describe this data: ``fit`` used them too, so this is not a
+        fit/predict difference)."""
+        if not self.flagged:
+            return "ok"
+        if self.never_updated:
+            return "never updated"
+        return "frozen, off" if self.frozen else "mismatch"
 
 
 def diagnose_batchnorm(
-    model: keras.Model,
-    images: np.ndarray,
+    model: keras.layers.Layer,
+    images,
     shift_tol: float = 0.2,
     ratio_tol: float = 1.5,
+    *,
+    batch_size: int | None = None,
 ) -> list[LayerGap]:
     """Compare, per BatchNormalization layer, the moving statistics with the batch's.
 
-    The batch statistics are those the layer sees in training mode on
-    ``images`` (the moving statistics are left untouched). A layer is flagged
-    when its median shift exceeds ``shift_tol`` batch standard deviations or its
-    median variance ratio lies outside ``[1/ratio_tol, ratio_tol]``: then
-    ``predict`` normalizes these images differently from ``fit``. Works on any
-    Keras model with BatchNormalization layers. Introduced in notebook 03.
+    ``images``: anything :func:`recalibrate_batchnorm` accepts; the diagnostic uses
+    one batch of it: for arrays (or lists/dicts of arrays) the first ``batch_size``
+    samples (``None``: all of them, as one batch), for a ``tf.data.Dataset``, a
+    generator or a ``keras.utils.PyDataset`` the first batch it yields (labels and
+    sample weights ignored). The batch statistics are those every layer sees in a
+    ``model(x, training=True)`` pass, as in ``fit`` (the moving statistics are left
+    untouched). A layer is flagged when its median shift exceeds ``shift_tol``
+    batch standard deviations or its median ``|log_variance_ratio|`` exceeds
+    ``log(ratio_tol)``. Each row says whether the layer trains or is frozen in
+    ``fit`` and gives a :attr:`LayerGap.verdict`. Rows follow
+    :func:`named_batchnorm_layers`; a layer the pass never calls gets no row.
+
+    Raises ``ValueError`` for a model without BatchNormalization, a ``ratio_tol``
+    below 1, empty data, data the model cannot take, or a batch whose statistics
+    degenerate (one value per channel). Introduced in notebook 03.
     """
     if ratio_tol < 1:
         raise ValueError(f"ratio_tol={ratio_tol} must be at least 1")
-    batch, _ = batch_statistics(model, images, training=True)
+    if shift_tol < 0:
+        raise ValueError(f"shift_tol={shift_tol} must be at least 0")
+    _require_batchnorm(model, "diagnose")
+    x = None
+    for x, _ in _input_batches(model, images, batch_size, max_batches=1):
+        break
+    if x is None:
+        raise ValueError(_EMPTY_DATA)
+    batch, _ = _first_pass(model, lambda: batch_statistics(model, x, training=True), x)
+    _check_not_degenerate(batch.items(), "diagnose_batchnorm")
     moving = moving_statistics(model)
     rows = []
-    for index, layer in enumerate(batchnorm_layers(model)):
-        moving_mean, moving_var = moving[layer.name]
-        seen = batch[layer.name]
+    for index, (path, layer) in enumerate(
+        (p, l) for p, l in _find_batchnorm(model) if p in batch
+    ):
+        moving_mean, moving_var = moving[path]
+        seen = batch[path]
         eps = float(layer.epsilon)
         shift = np.abs(moving_mean - seen.mean) / np.sqrt(seen.var + eps)
-        ratio = (moving_var + eps) / (seen.var + eps)
+        log_ratio = log_variance_ratio(moving_var, seen.var, eps)
+        gap = np.abs(log_ratio)
+        worst = int(np.argmax(gap))
         median_shift = float(np.median(shift))
-        median_ratio = float(np.median(ratio))
-        worst = int(np.argmax(np.abs(np.log(ratio))))
+        median_gap = float(np.median(gap))
         rows.append(
             LayerGap(
                 index=index,
-                name=layer.name,
+                name=path,
                 channels=int(moving_mean.shape[0]),
                 batch_var=float(np.median(seen.var)),
                 moving_var=float(np.median(moving_var)),
                 shift=median_shift,
-                var_ratio=median_ratio,
+                var_ratio=float(np.median(np.exp(log_ratio))),
                 worst_shift=float(shift.max()),
-                worst_ratio=float(ratio[worst]),
-                flagged=bool(
-                    median_shift > shift_tol
-                    or not (1 / ratio_tol <= median_ratio <= ratio_tol)
-                ),
+                worst_ratio=float(np.exp(log_ratio[worst])),
+                flagged=bool(median_shift > shift_tol or median_gap > np.log(ratio_tol)),
+                log_var_gap=median_gap,
+                worst_log_var_gap=float(gap[worst]),
+                frozen=not layer.trainable,
+                never_updated=bool(np.all(moving_mean == 0.0) and np.all(moving_var == 1.0)),
             )
         )
     return rows
 
 
+_GAP_COLUMNS = (
+    "#", "layer", "ch", "in fit", "batch var", "moving var", "|log ratio|", "shift", "verdict"
+)
+
+
+def _gap_cells(r: LayerGap) -> list[str]:
+    return [
+        str(r.index), r.name, str(r.channels), r.in_fit, f"{r.batch_var:.3g}",
+        f"{r.moving_var:.3g}", f"{r.log_var_gap:.3g}", f"{r.shift:.3g}", r.verdict,
+    ]
+
+
+def _gap_summary(rows: list[LayerGap]) -> str:
+    flagged = [r.verdict for r in rows if r.flagged]
+    counts = ", ".join(
+        f"{flagged.count(v)} {v}" for v in ("mismatch", "frozen, off", "never updated")
+        if v in flagged
+    )
+    return f"{len(flagged)} of {len(rows)} BatchNormalization layers flagged" + (
+        f": {counts}" if counts else ""
+    )
+
+
 def format_gaps(rows: list[LayerGap], max_rows: int | None = None) -> str:
-    """A fixed-width text table of ``diagnose_batchnorm`` rows (3 significant digits)."""
-    header = f"{'#':>3} {'layer':<22} {'ch':>5} {'batch var':>10} {'moving var':>10} {'var ratio':>10} {'shift':>9}  flag"
-    lines = [header, "-" * len(header)]
+    """A fixed-width text table of ``diagnose_batchnorm`` rows (3 significant digits).
+
+    The plain-text fallback of :func:`gaps_table_html`. Columns: index, layer path,
+    channels, whether the layer trains or is frozen in ``fit``, median batch and
+    moving variance, median ``|log_variance_ratio|``, median shift (batch standard
+    deviations) and the verdict in words. The last line counts the flagged layers by
+    verdict. Introduced in notebook 03.
+    """
     shown = rows if max_rows is None else rows[:max_rows]
+    width = max([5] + [len(r.name) for r in shown])
+    header = (
+        f"{'#':>3} {'layer':<{width}} {'ch':>5} {'in fit':<6} {'batch var':>9} "
+        f"{'moving var':>10} {'|log ratio|':>11} {'shift':>7}  verdict"
+    )
+    lines = [header, "-" * len(header)]
     for r in shown:
         lines.append(
-            f"{r.index:>3} {r.name:<22} {r.channels:>5} {r.batch_var:>10.3g} "
-            f"{r.moving_var:>10.3g} {r.var_ratio:>10.3g} {r.shift:>9.3g}  "
-            f"{'OFF' if r.flagged else 'ok'}"
+            f"{r.index:>3} {r.name:<{width}} {r.channels:>5} {r.in_fit:<6} {r.batch_var:>9.3g} "
+            f"{r.moving_var:>10.3g} {r.log_var_gap:>11.3g} {r.shift:>7.3g}  {r.verdict}"
         )
     if max_rows is not None and len(rows) > max_rows:
         lines.append(f"... {len(rows) - max_rows} more layers")
-    flagged = sum(r.flagged for r in rows)
-    lines.append(f"{flagged} of {len(rows)} BatchNormalization layers flagged")
+    lines.append(_gap_summary(rows))
     return "\n".join(lines)
+
+
+def gaps_table_html(rows: list[LayerGap], max_rows: int | None = None) -> str:
+    """``diagnose_batchnorm`` rows as an HTML table, for ``IPython.display.HTML``.
+
+    The same columns as :func:`format_gaps`, in a compact table that fits a narrow
+    notebook column (small font, no fixed widths); flagged rows' verdicts in bold.
+    Caption: what the columns measure; last line: the count by verdict. Plain HTML
+    (no script, no style sheet), so GitHub renders it and nbval compares it as text.
+    Introduced in notebook 03.
+    """
+    import html
+
+    shown = rows if max_rows is None else rows[:max_rows]
+    right = {0, 2, 4, 5, 6, 7}
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in _GAP_COLUMNS)
+    body = []
+    for r in shown:
+        cells = []
+        for i, text in enumerate(_gap_cells(r)):
+            text = html.escape(text)
+            if i == len(_GAP_COLUMNS) - 1 and r.flagged:
+                text = f"<b>{text}</b>"
+            align = ' style="text-align:right"' if i in right else ""
+            cells.append(f"<td{align}>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    if max_rows is not None and len(rows) > max_rows:
+        more = f"... {len(rows) - max_rows} more layers"
+        body.append(f'<tr><td colspan="{len(_GAP_COLUMNS)}">{more}</td></tr>')
+    caption = (
+        "batch / moving var: medians over channels; |log ratio|: median "
+        "|log(moving var + eps) - log(batch var + eps)|; shift: median "
+        "|moving mean - batch mean| in batch standard deviations"
+    )
+    return (
+        '<table style="font-size:smaller">'
+        f'<caption style="caption-side:bottom">{html.escape(caption)}</caption>'
+        f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+        f"<p>{html.escape(_gap_summary(rows))}</p>"
+    )
 
 
 class BatchNormHistory(keras.callbacks.Callback):
     """Keras callback: per epoch, every BN layer's moving and batch statistics.
 
     At the start of training (epoch 0) and after every epoch it records, on
-    ``images``:
+    ``images`` (keys are layer paths, :func:`named_batchnorm_layers`):
 
-    - ``moving[name]``: list of ``(moving_mean, moving_var)`` arrays;
-    - ``batch[name]``: list of :class:`Moments` the layer sees in training mode;
+    - ``moving[path]``: ``(moving_mean, moving_var)``, read from the layer's
+      variables ``moving_mean`` and ``moving_variance`` (shape ``(channels,)``);
+    - ``batch[path]``: the :class:`Moments` the layer normalizes with in a
+      training-mode pass ``model(images, training=True)`` (mean and biased
+      variance over every axis but the channels, as the layer computes them);
+    - ``epsilon[path]``: the layer's ``epsilon``;
     - ``train_loss`` / ``infer_loss`` and ``train_acc`` / ``infer_acc``: the
       model's loss and accuracy on ``images`` in training and inference mode.
 
-    Recording leaves the moving statistics untouched. When training ends the
-    callback lets go of the model. Introduced in notebook 04.
+    ``momenta``: other momentum values to replay alongside (notebook 04). When
+    ``fit`` trains on exactly ``images`` in one batch per epoch, update ``k``
+    normalizes with the batch statistics recorded at epoch ``k - 1``, so the moving
+    statistics momentum ``m`` would have given follow from the records
+    (``moving = m * moving + (1 - m) * batch``, from Keras's start values 0 and 1;
+    ``fit`` never reads the moving statistics, so the weights are the same for
+    every momentum). ``replayed[m]`` holds them per epoch, ``replayed_loss[m]`` and
+    ``replayed_acc[m]`` the inference-mode loss and accuracy they give.
+
+    Recording leaves the moving statistics untouched, and a recording of ``fit``
+    (:func:`recording_batchnorm_inputs`) does not see its passes. When training
+    ends the callback lets go of the model. Introduced in notebook 04.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, momenta: tuple[float, ...] = ()):
         super().__init__()
+        for m in momenta:
+            if not 0.0 <= m < 1.0:
+                raise ValueError(f"momentum {m} must lie in [0, 1)")
         self.images = images
         self.labels = labels
+        self.momenta = tuple(float(m) for m in momenta)
         self.epochs: list[int] = []
         self.moving: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         self.batch: dict[str, list[Moments]] = {}
+        self.epsilon: dict[str, float] = {}
         self.train_loss: list[float] = []
         self.infer_loss: list[float] = []
         self.train_acc: list[float] = []
         self.infer_acc: list[float] = []
+        self.replayed: dict[float, list[dict[str, tuple[np.ndarray, np.ndarray]]]] = {
+            m: [] for m in self.momenta
+        }
+        self.replayed_loss: dict[float, list[float]] = {m: [] for m in self.momenta}
+        self.replayed_acc: dict[float, list[float]] = {m: [] for m in self.momenta}
 
     def _record(self, epoch: int) -> None:
         self.epochs.append(epoch)
+        for path, layer in _find_batchnorm(self.model):
+            self.epsilon[path] = float(layer.epsilon)
         for name, stats in moving_statistics(self.model).items():
             self.moving.setdefault(name, []).append(stats)
         seen, train_out = batch_statistics(self.model, self.images, training=True)
-        for name, moments in seen.items():
-            self.batch.setdefault(name, []).append(moments)
         infer_out = self.model(self.images, training=False)
         for out, losses, accs in (
             (train_out, self.train_loss, self.train_acc),
@@ -705,6 +1029,25 @@ class BatchNormHistory(keras.callbacks.Callback):
             loss, acc = loss_and_accuracy(out, self.labels)
             losses.append(loss)
             accs.append(acc)
+        for m in self.momenta:
+            if not self.replayed[m]:
+                stats = {
+                    p: (np.zeros_like(s.mean), np.ones_like(s.var)) for p, s in seen.items()
+                }
+            else:  # the update that led here normalized with the previous record
+                stats = {
+                    p: (m * mean + (1 - m) * self.batch[p][-1].mean,
+                        m * var + (1 - m) * self.batch[p][-1].var)
+                    for p, (mean, var) in self.replayed[m][-1].items()
+                }
+            self.replayed[m].append(stats)
+            with frozen_moving_statistics(self.model):
+                set_moving_statistics(self.model, stats)
+                loss, acc = loss_and_accuracy(self.model(self.images, training=False), self.labels)
+            self.replayed_loss[m].append(loss)
+            self.replayed_acc[m].append(acc)
+        for name, moments in seen.items():
+            self.batch.setdefault(name, []).append(moments)
 
     def on_train_begin(self, logs=None):  # noqa: D102
         if not self.epochs:
@@ -719,26 +1062,74 @@ class BatchNormHistory(keras.callbacks.Callback):
 
     @property
     def layer_names(self) -> list[str]:
-        """Names of the recorded layers, in network order."""
+        """Paths of the recorded layers, in network order."""
         return list(self.moving)
 
-    def relative_gap(self, statistic: str = "var") -> np.ndarray:
-        """Layers x recorded epochs: median over channels of ``|moving - batch| / batch``.
+    def gap(self, statistic: str = "var", momentum: float | None = None) -> np.ndarray:
+        """Layers x recorded epochs: how far the moving statistics are from the batch's.
 
-        ``statistic`` is ``"var"`` or ``"mean"``; for the mean the gap is in
-        units of the batch standard deviation.
+        ``"var"``: median over channels of ``|log_variance_ratio(moving, batch, eps)|``,
+        the symmetric measure of :func:`diagnose_batchnorm` (``log 2 = 0.69`` for a
+        variance twice too large or half too small). ``"mean"``: median over channels
+        of ``|moving mean - batch mean| / sqrt(batch var + eps)``. ``momentum``: use
+        the statistics replayed for that momentum (one of ``momenta``) instead of
+        the model's own. Raises ``ValueError`` for another statistic or momentum.
         """
         if statistic not in ("var", "mean"):
             raise ValueError(f"statistic={statistic!r}; use 'var' or 'mean'")
+        if momentum is not None and float(momentum) not in self.replayed:
+            raise ValueError(f"momentum {momentum} was not replayed; momenta={self.momenta}")
         gaps = np.zeros((len(self.moving), len(self.epochs)))
         for i, name in enumerate(self.moving):
-            for j, ((m_mean, m_var), seen) in enumerate(zip(self.moving[name], self.batch[name])):
+            eps = self.epsilon[name]
+            moving = (
+                self.moving[name]
+                if momentum is None
+                else [stats[name] for stats in self.replayed[float(momentum)]]
+            )
+            for j, ((m_mean, m_var), seen) in enumerate(zip(moving, self.batch[name])):
                 if statistic == "var":
-                    gap = np.abs(m_var - seen.var) / (seen.var + 1e-12)
+                    gap = np.abs(log_variance_ratio(m_var, seen.var, eps))
                 else:
-                    gap = np.abs(m_mean - seen.mean) / np.sqrt(seen.var + 1e-12)
+                    gap = np.abs(m_mean - seen.mean) / np.sqrt(seen.var + eps)
                 gaps[i, j] = np.median(gap)
         return gaps
+
+
+class WeightSteps(keras.callbacks.Callback):
+    """Keras callback: how far each epoch moved the trainable weights.
+
+    ``steps[k]``: mean over every trainable weight value of ``|w after epoch k+1 -
+    w before it|`` (same units as the weights). With one batch per epoch that is one
+    optimizer update; Adam's update of a weight is at most about the learning rate
+    (``lr * m_hat / (sqrt(v_hat) + eps)``, Kingma & Ba 2015). Keeps one copy of the
+    weights (float32, about 94 MB for ResNet50) while training. Introduced in
+    notebook 04.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.steps: list[float] = []
+        self._previous: list[np.ndarray] | None = None
+
+    def on_train_begin(self, logs=None):  # noqa: D102
+        self._previous = [v.numpy() for v in self.model.trainable_variables]
+
+    def on_epoch_end(self, epoch, logs=None):  # noqa: D102
+        total, count = 0.0, 0
+        current = []
+        for variable, before in zip(self.model.trainable_variables, self._previous):
+            now = variable.numpy()
+            total += float(np.abs(now.astype(np.float64) - before).sum())
+            count += now.size
+            current.append(now)
+        self.steps.append(total / max(count, 1))
+        self._previous = current
+
+    def on_train_end(self, logs=None):
+        """Let go of the model and of the copy of its weights."""
+        self._previous = None
+        self.set_model(None)
 
 
 # ---------------------------------------------------------------------------
@@ -746,39 +1137,314 @@ class BatchNormHistory(keras.callbacks.Callback):
 # ---------------------------------------------------------------------------
 
 
-def recalibrate_batchnorm(
-    model: keras.Model, images: np.ndarray, batch_size: int = 32
-) -> int:
-    """Set every BN layer's moving statistics to its population statistics (PreciseBN).
+_EMPTY_DATA = "the data yielded no batch (an empty array, dataset, generator or PyDataset)"
 
-    Runs the images through the model in training mode, ``batch_size`` at a
-    time, without updating any weight; each layer's moments are pooled exactly
-    over all batches, and written into ``moving_mean`` and ``moving_variance``.
-    When all images fit in one batch, ``predict`` then equals the training-mode
-    output. Returns the number of layers updated. Introduced in notebook 05.
+
+def _num_samples(x) -> int:
+    """Samples in one batch of model inputs: the leading size of its first array."""
+    leaves = keras.tree.flatten(x)
+    if not leaves or getattr(leaves[0], "shape", None) is None or len(leaves[0].shape) == 0:
+        raise TypeError(
+            f"a batch of the data is {type(x).__name__}, not an array or a list/dict of "
+            "arrays with a leading batch axis; yield x, (x, y) or (x, y, sample_weight)"
+        )
+    return int(leaves[0].shape[0])
+
+
+def _input_batches(model, data, batch_size, max_batches=None, max_samples=None):
+    """Yield ``(x, samples)`` batches of model inputs from any data ``fit`` takes.
+
+    Arrays, tensors, and lists/dicts of them are the model's inputs, cut into
+    ``batch_size`` samples (``None``: one batch); ``tf.data.Dataset``, generators,
+    other iterators and ``keras.utils.PyDataset`` yield batches already, unpacked
+    with ``keras.utils.unpack_x_y_sample_weight`` (labels and weights dropped).
+    The last batch is cut so that at most ``max_samples`` samples are used.
     """
-    images = np.asarray(images)
-    if len(images) == 0:
-        raise ValueError("recalibrate_batchnorm needs at least one image")
-    if batch_size < 1:
+    if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
-    pooled: dict[str, Moments] = {}
-    with frozen_moving_statistics(model), recording_batchnorm_inputs(model) as records:
-        for start in range(0, len(images), batch_size):
-            model(images[start : start + batch_size], training=True)
-    for name, calls in records.items():
-        total = calls[0]
-        for moments in calls[1:]:
-            total = total.merged(moments)
-        pooled[name] = total
-    layers = batchnorm_layers(model)
-    for layer in layers:
-        _assign_moving(layer, pooled[layer.name].mean, pooled[layer.name].var)
-    return len(layers)
+    for name, limit in (("max_batches", max_batches), ("max_samples", max_samples)):
+        if limit is not None and int(limit) < 1:
+            raise ValueError(f"{name}={limit} must be at least 1 (or None: no limit)")
+
+    def leaves_are_arrays(value) -> bool:
+        leaves = keras.tree.flatten(value)
+        return bool(leaves) and all(
+            isinstance(leaf, (np.ndarray, tf.Tensor)) or keras.ops.is_tensor(leaf)
+            for leaf in leaves
+        )
+
+    if isinstance(data, tf.data.Dataset):
+        batches = (keras.utils.unpack_x_y_sample_weight(element)[0] for element in data)
+    elif isinstance(data, keras.utils.PyDataset):
+        count = data.num_batches
+        if count is None and max_batches is None and max_samples is None:
+            raise ValueError(
+                "this PyDataset is infinite (num_batches is None): pass max_batches or max_samples"
+            )
+
+        def read_py_dataset():
+            index = 0
+            while count is None or index < count:
+                yield keras.utils.unpack_x_y_sample_weight(data[index])[0]
+                index += 1
+
+        batches = read_py_dataset()
+    elif isinstance(data, (np.ndarray, tf.Tensor, dict, list, tuple)) or keras.ops.is_tensor(data):
+        if not leaves_are_arrays(data):
+            raise TypeError(
+                f"data of type {type(data).__name__} holds something other than arrays; pass "
+                "an array (or a list/dict of arrays for a model with several inputs), a "
+                "tf.data.Dataset, a generator or a keras.utils.PyDataset"
+            )
+        total = _num_samples(data)
+        step = total if batch_size is None else int(batch_size)
+        batches = (
+            keras.tree.map_structure(lambda a, s=start: a[s : s + step], data)
+            for start in range(0, total, max(step, 1))
+        )
+    elif hasattr(data, "__iter__") or hasattr(data, "__next__"):
+        batches = (keras.utils.unpack_x_y_sample_weight(element)[0] for element in iter(data))
+    else:
+        raise TypeError(
+            f"cannot read batches from data of type {type(data).__name__}; pass an array "
+            "(or a list/dict of arrays), a tf.data.Dataset, a generator or a keras.utils.PyDataset"
+        )
+    used = 0
+    for number, x in enumerate(batches):
+        if max_batches is not None and number >= int(max_batches):
+            return
+        samples = _num_samples(x)
+        if max_samples is not None and used + samples > int(max_samples):
+            samples = int(max_samples) - used
+            x = keras.tree.map_structure(lambda a: a[:samples], x)
+        if samples == 0:
+            continue
+        used += samples
+        yield x, samples
+        if max_samples is not None and used >= int(max_samples):
+            return
+
+
+def _describe(x) -> str:
+    shapes = keras.tree.map_structure(lambda a: tuple(a.shape), x)
+    return str(shapes)
+
+
+def _first_pass(model, run, x):
+    """Run the first model call; turn an error about the data into one that says so."""
+    try:
+        return run()
+    except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
+        expected = ""
+        if getattr(model, "inputs", None):
+            expected = f"; it takes {_describe(model.inputs)} (None: any size)"
+        raise ValueError(
+            f"the model cannot take this data: a batch has shape {_describe(x)}{expected}. "
+            "A tf.data.Dataset must be batched (dataset.batch(32)); a model with several "
+            "inputs takes a list or dict of arrays. "
+            f"Keras said: {type(error).__name__}: {str(error).strip().splitlines()[0]}"
+        ) from error
+
+
+def _check_not_degenerate(items, where: str) -> None:
+    """Refuse training-mode moments over one value per channel (variance exactly 0)."""
+    for path, moments in items:
+        if moments.training and moments.count == 1:
+            raise ValueError(
+                f"{where}: layer {path!r} normalized a batch holding one value per channel "
+                "(one sample and no spatial axes), whose variance is exactly 0, so in "
+                "training mode it outputs beta whatever the input and every later layer "
+                "sees a constant. Use batches of at least 2 samples (better: the batch "
+                "size the model will be served with); with arrays, pick a batch_size that "
+                "does not leave a last batch of one, or set max_samples"
+            )
+
+
+class Recalibration(int):
+    """What :func:`recalibrate_batchnorm` did; as an ``int``, the number of layers updated.
+
+    Attributes: ``statistics`` (``path -> Moments`` written into the layer:
+    ``count`` = values per channel used), ``skipped`` (paths of frozen layers left
+    alone, and of layers the data never reached), ``samples`` and ``batches``
+    (how much data was read), ``estimator``. Introduced in notebook 05.
+    """
+
+    statistics: dict[str, Moments]
+    skipped: list[str]
+    samples: int
+    batches: int
+    estimator: str
+
+    def __str__(self) -> str:
+        return int.__repr__(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"Recalibration({int(self)} layers updated from {self.samples} samples in "
+            f"{self.batches} batches, estimator={self.estimator!r}, "
+            f"{len(self.skipped)} skipped)"
+        )
+
+
+def recalibrate_batchnorm(
+    model: keras.layers.Layer,
+    images,
+    batch_size: int = 32,
+    *,
+    max_batches: int | None = None,
+    max_samples: int | None = None,
+    estimator: str = "population",
+    include_frozen: bool = False,
+    verbose: int = 0,
+) -> Recalibration:
+    """Set the BN layers' moving statistics to statistics measured on data (PreciseBN).
+
+    Runs the data through the model in training mode, batch by batch, with every
+    weight fixed, records what each BatchNormalization layer receives, and writes
+    the estimate into ``moving_mean`` and ``moving_variance`` (Wu & Johnson 2021,
+    "Rethinking 'Batch' in BatchNorm", Sec. 3; layer equations in Ioffe & Szegedy
+    2015 and ``keras/src/layers/normalization/batch_normalization.py``).
+
+    ``images``: the data, as ``fit`` takes it: a NumPy array or tensor, a list or
+    dict of them (a model with several inputs), all cut into ``batch_size``
+    samples; or a ``tf.data.Dataset``, a generator (any iterator) or a
+    ``keras.utils.PyDataset`` yielding ``x``, ``(x, y)`` or ``(x, y, sample_weight)``,
+    whose own batches are used as they come (``batch_size`` is ignored for them).
+    Labels and sample weights are ignored. ``max_batches`` / ``max_samples`` stop
+    early (the last batch is cut to ``max_samples``); an infinite generator needs
+    one of them. ``verbose=1`` shows a ``keras.utils.Progbar``.
+
+    ``estimator``, per layer and channel:
+
+    - ``"population"``: the exact mean and (biased) variance of all values the
+      layer received, pooled over batches (Chan et al.'s merge): as if one batch
+      held all the data. fvcore's ``update_bn_stats`` computes this too (its
+      population estimator, weighting batches by size).
+    - ``"batch_mean"``: the mean over batches of each batch's mean and of each
+      batch's biased variance (the variance Keras normalizes with), every batch
+      weighted alike. PyTorch's ``torch.optim.swa_utils.update_bn`` (momentum
+      ``None``: a cumulative average) and fvcore's older ``update_bn_stats`` average
+      the same way but over Bessel-corrected batch variances, larger by ``n/(n-1)``
+      for ``n`` values per channel in a batch.
+
+    The two means agree for equal batches; the variances differ: the mean of
+    per-batch variances misses the variance of the batch means around the
+    population mean, so it is smaller by that amount. They are equal when one batch
+    holds everything. Use the estimator that matches how the model will be
+    served: ``"population"`` for the statistics of the data as a whole,
+    ``"batch_mean"`` for the typical batch of ``batch_size``. Either way the batch
+    size matters, because each layer's input depends on the earlier layers, which
+    normalize with the statistics of the batch at hand: the statistics measured are
+    those of a network that normalizes batches of that size.
+
+    Frozen layers (``trainable=False``) run in inference mode in ``fit`` too, and the
+    layers after them were trained on their statistics: they are left alone unless
+    ``include_frozen=True`` (then they normalize with batch statistics during the
+    run, like the others, and ``trainable`` is restored). Only the moving statistics
+    change (renorm's extra statistics are set to match); every other variable (e.g.
+    a dropout layer's seed state) and setting is restored, even on an error.
+
+    Returns a :class:`Recalibration`: an ``int``, the number of layers updated (so
+    ``n = recalibrate_batchnorm(model, images)`` counts layers), with details.
+    Raises ``ValueError`` for a model without BatchNormalization, no layer to update
+    (all frozen), empty data, data the model cannot take, a batch with one value per
+    channel, or a bad argument; ``TypeError`` for data of a type it cannot read.
+    Introduced in notebook 05.
+    """
+    if estimator not in ("population", "batch_mean"):
+        raise ValueError(f"estimator={estimator!r}; use 'population' or 'batch_mean'")
+    named = _require_batchnorm(model, "recalibrate")
+    targets = {p: l for p, l in named.items() if include_frozen or l.trainable}
+    if not targets:
+        raise ValueError(
+            f"all {len(named)} BatchNormalization layers are frozen (trainable=False): they "
+            "run in inference mode in fit too, and the layers after them were trained on "
+            "their statistics; pass include_frozen=True to recalibrate them anyway"
+        )
+    batches = _input_batches(model, images, batch_size, max_batches, max_samples)
+    target = None
+    if isinstance(images, keras.utils.PyDataset) and images.num_batches is not None:
+        target = images.num_batches
+    elif not isinstance(images, (tf.data.Dataset, keras.utils.PyDataset)) and (
+        isinstance(images, (np.ndarray, dict, list, tuple)) or keras.ops.is_tensor(images)
+    ):
+        total = _num_samples(images)
+        if max_samples is not None:
+            total = min(total, int(max_samples))
+        target = -(-total // int(batch_size or total or 1))
+    if max_batches is not None:
+        target = min(target or int(max_batches), int(max_batches))
+    progress = keras.utils.Progbar(target, verbose=verbose, unit_name="batch") if verbose else None
+
+    per_batch: dict[str, list[Moments]] = {path: [] for path in targets}
+    samples = count = 0
+    thawed = [l for l in targets.values() if not l.trainable]
+    others = [v for v in model.non_trainable_variables]
+    saved = [v.numpy() for v in others]
+    try:
+        for layer in thawed:
+            layer.trainable = True
+        with frozen_moving_statistics(model), recording_batchnorm_inputs(model) as records:
+            for x, size in batches:
+                before = {path: len(calls) for path, calls in records.items()}
+                if count == 0:
+                    _first_pass(model, lambda: model(x, training=True), x)
+                else:
+                    model(x, training=True)
+                new = {
+                    path: _pooled(records[path][before[path]:])
+                    for path in targets if len(records[path]) > before[path]
+                }
+                _check_not_degenerate(
+                    ((p, c) for p in records for c in records[p][before[p]:]),
+                    "recalibrate_batchnorm",
+                )
+                for path, moments in new.items():
+                    per_batch[path].append(moments)
+                samples += size
+                count += 1
+                if progress is not None:
+                    progress.update(count)
+    finally:
+        for layer in thawed:
+            layer.trainable = False
+        for variable, value in zip(others, saved):
+            variable.assign(value)
+    if progress is not None:
+        progress.update(count, finalize=True)
+    if count == 0:
+        raise ValueError(_EMPTY_DATA)
+    written: dict[str, Moments] = {}
+    for path, moments in per_batch.items():
+        if not moments:
+            continue
+        if estimator == "population":
+            written[path] = _pooled(moments)
+        else:
+            written[path] = Moments(
+                np.mean([m.mean for m in moments], axis=0),
+                np.mean([m.var for m in moments], axis=0),
+                int(sum(m.count for m in moments)),
+                True,
+            )
+    for path, moments in written.items():
+        _assign_moving(targets[path], moments.mean, moments.var)
+    result = Recalibration(len(written))
+    result.statistics = written
+    result.skipped = [p for p in named if p not in written]
+    result.samples = samples
+    result.batches = count
+    result.estimator = estimator
+    return result
 
 
 def _assign_moving(layer, mean: np.ndarray, var: np.ndarray) -> None:
-    """Write moving statistics into a BN layer, renorm's extra statistics included."""
+    """Write moving statistics into a BN layer, renorm's extra statistics included.
+
+    With ``renorm=True`` Keras derives ``moving_variance`` from ``moving_stddev`` at
+    each update and corrects with ``renorm_mean`` / ``renorm_stddev`` in training:
+    all three are set to match, ``stddev = sqrt(var + epsilon)``.
+    """
     layer.moving_mean.assign(np.asarray(mean, dtype=np.float32))
     layer.moving_variance.assign(np.asarray(var, dtype=np.float32))
     if getattr(layer, "renorm", False):  # renorm derives moving_variance from these
@@ -790,16 +1456,29 @@ def _assign_moving(layer, mean: np.ndarray, var: np.ndarray) -> None:
 
 @dataclass
 class RemedyResult:
-    """One row of notebook 05's comparison: how a remedy's model answers on the training images."""
+    """One row of notebook 05's comparison: how a remedy's model answers on the training images.
+
+    ``updates``: optimizer updates the served weights received (one per epoch with
+    the case's single batch). ``memorised``: those weights get every image right in
+    training mode on the batch of all images (:func:`memorised`): whether the
+    training itself succeeded. ``predicted`` / ``accuracy`` / ``loss``: what the
+    remedy serves for the batch of all images (loss as ``evaluate`` computes it).
+    ``alone_right``: each image served on its own (a batch of one). ``mode_gap``:
+    largest ``|training-mode probability - served probability|``. ``extra``: what the
+    remedy costs beyond the baseline's training, in words (updates, passes).
+    ``seconds``: measured seconds of that extra work (varies from run to run).
+    """
 
     name: str
-    fit_accuracy: float  # fit's accuracy in the last epoch
-    predicted: list[int]  # classes the remedy's prediction gives, all images in one batch
+    updates: int
+    memorised: bool
+    predicted: list[int]
     accuracy: float
-    loss: float  # as evaluate computes it
-    alone_right: list[bool]  # each image predicted on its own (a batch of one)
-    mode_gap: float  # largest |training-mode output - served output|, probabilities
-    seconds: float  # measured cost: training plus any extra step
+    loss: float
+    alone_right: list[bool]
+    mode_gap: float
+    extra: str
+    seconds: float
 
 
 def measure_remedy(
@@ -807,15 +1486,18 @@ def measure_remedy(
     model: keras.Model,
     images: np.ndarray,
     labels: np.ndarray,
-    fit_accuracy: float,
-    seconds: float,
+    updates: int,
+    extra: str = "",
+    seconds: float = 0.0,
     training_mode: bool = False,
 ) -> RemedyResult:
     """Measure how ``model`` answers on ``images``, served in inference mode (as ``predict``).
 
     With ``training_mode=True`` the answers are served by ``model(x, training=True)``
-    instead (the "predict in training mode" remedy); the moving statistics are
-    restored afterwards. Introduced in notebook 05.
+    instead (the "predict in training mode" remedy). Every pass leaves the moving
+    statistics as they were. ``memorised`` is read from the training-mode output on
+    all images at once, the reference the gap is measured against. Introduced in
+    notebook 05.
     """
     with frozen_moving_statistics(model):  # training-mode calls would move the statistics
         served = model(images, training=training_mode)
@@ -823,42 +1505,67 @@ def measure_remedy(
             int(np.argmax(keras.ops.convert_to_numpy(model(images[i : i + 1], training=training_mode))))
             for i in range(len(images))
         ]
-    with frozen_moving_statistics(model):
         reference = keras.ops.convert_to_numpy(model(images, training=True))
     loss, acc = loss_and_accuracy(served, labels)
     served = keras.ops.convert_to_numpy(served)
     truth = np.argmax(labels, axis=1)
     return RemedyResult(
         name=name,
-        fit_accuracy=float(fit_accuracy),
+        updates=int(updates),
+        memorised=accuracy(reference, labels) == 1.0,
         predicted=np.argmax(served, axis=1).tolist(),
         accuracy=acc,
         loss=loss,
         alone_right=[a == t for a, t in zip(alone, truth)],
         mode_gap=float(np.abs(reference - served).max()),
+        extra=str(extra),
         seconds=float(seconds),
     )
 
 
-def format_remedies(results: list[RemedyResult]) -> str:
-    """The comparison table of notebook 05, as fixed-width text."""
-    header = (
-        f"{'remedy':<26} {'fit acc':>7} {'predicted':<11} {'acc':>5} {'loss':>9} "
-        f"{'alone':<7} {'mode gap':>9} {'cost':>8}"
-    )
-    lines = [header, "-" * len(header)]
+_REMEDY_COLUMNS = (
+    "remedy", "updates", "memorised", "predict", "accuracy", "loss", "each alone",
+    "train/served gap", "extra cost",
+)
+
+
+def remedies_table_html(results: list[RemedyResult]) -> str:
+    """Notebook 05's comparison as an HTML table, for ``IPython.display.HTML``.
+
+    One row per remedy; a row whose training did not memorise the images says so in
+    bold ("no: training failed"), since its served answers then say nothing about
+    the fit/predict gap. Seconds are left out (they vary from run to run); plain
+    HTML, so GitHub renders it and nbval compares it as text. Introduced in
+    notebook 05.
+    """
+    import html
+
+    right = {1, 4, 5, 7}
+    body = []
     for r in results:
-        alone = "".join("Y" if ok else "n" for ok in r.alone_right)
-        lines.append(
-            f"{r.name:<26} {r.fit_accuracy:>7.2f} {str(r.predicted).replace(' ', ''):<11} "
-            f"{r.accuracy:>5.2f} {r.loss:>9.3g} {alone:<7} {r.mode_gap:>9.2g} "
-            f"{r.seconds:>6.1f} s"
-        )
-    lines.append(
-        "alone: each image predicted on its own, Y = right; mode gap: largest difference "
-        "between training-mode and served probabilities; cost: measured seconds"
+        alone = f"{sum(r.alone_right)} of {len(r.alone_right)} right"
+        memorised = "yes" if r.memorised else "<b>no: training failed</b>"
+        cells = [
+            html.escape(r.name), str(r.updates), memorised,
+            html.escape(" ".join(str(p) for p in r.predicted)), f"{r.accuracy:.2f}",
+            f"{r.loss:.3g}", alone, f"{r.mode_gap:.2g}", html.escape(r.extra),
+        ]
+        align = ' style="text-align:right"'
+        body.append("<tr>" + "".join(
+            f"<td{align if i in right else ''}>{c}</td>" for i, c in enumerate(cells)
+        ) + "</tr>")
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in _REMEDY_COLUMNS)
+    caption = (
+        "updates: optimizer updates of the served weights; memorised: those weights right on "
+        "every image in training mode; predict: classes served for the batch of all images; "
+        "each alone: served one image at a time; train/served gap: largest difference of "
+        "probabilities between training mode and what is served"
     )
-    return "\n".join(lines)
+    return (
+        '<table style="font-size:smaller">'
+        f'<caption style="caption-side:bottom">{html.escape(caption)}</caption>'
+        f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -1004,18 +1711,19 @@ def plot_moving_vs_batch(history: BatchNormHistory, layer_names: list[str], titl
 
 
 def plot_gap_heatmap(history: BatchNormHistory, title: str) -> None:
-    """Heatmap of the relative variance gap, BN layers x epochs (log colour). Notebook 04."""
+    """Heatmap of the variance gap ``|log_variance_ratio|`` (:meth:`BatchNormHistory.gap`),
+    BN layers x epochs, log colour scale. Notebook 04."""
     plt = _plt()
     from matplotlib.colors import LogNorm
 
-    gaps = history.relative_gap("var")
+    gaps = history.gap("var")
     vmin = max(gaps[gaps > 0].min(initial=1e-3), 1e-3)
     fig, ax = plt.subplots(figsize=(6, 5))
     image = ax.imshow(gaps, aspect="auto", cmap="magma", norm=LogNorm(vmin=vmin, vmax=max(gaps.max(), 10 * vmin)),
                       extent=(history.epochs[0] - 0.5, history.epochs[-1] + 0.5, len(gaps) - 0.5, -0.5))
     ax.set(xlabel="epoch", ylabel="BatchNormalization layer (0 = input side)", title=title)
     ax.set_xticks(history.epochs)
-    fig.colorbar(image, ax=ax, label="|moving - batch variance| / batch variance")
+    fig.colorbar(image, ax=ax, label="|ln(moving var / batch var)|, median over channels")
     fig.tight_layout()
     plt.show()
 
@@ -1052,15 +1760,23 @@ def plot_moving_average_law(updates: np.ndarray, measured: np.ndarray, momentum:
     plt.show()
 
 
-def plot_gap_by_momentum(histories: dict[float, BatchNormHistory], title: str) -> None:
-    """Median relative variance gap and inference-mode accuracy per epoch, one curve per momentum. Notebook 04."""
+def plot_gap_by_momentum(history: BatchNormHistory, momentum: float, title: str) -> None:
+    """Per epoch, one curve per momentum: the worst layer's variance gap and the accuracy of predict.
+
+    ``momentum``: the model's own (its recorded moving statistics); the others are
+    ``history.momenta``, replayed. The gap is :meth:`BatchNormHistory.gap`'s
+    ``|log_variance_ratio|``, largest over layers. Notebook 04.
+    """
     plt = _plt()
     fig, (ax_gap, ax_acc) = plt.subplots(1, 2, figsize=(8, 3.2))
-    for momentum, history in histories.items():
-        gap = np.median(history.relative_gap("var"), axis=0)
-        ax_gap.semilogy(history.epochs, gap, "o-", ms=3, label=f"momentum {momentum}")
-        ax_acc.plot(history.epochs, history.infer_acc, "o-", ms=3, label=f"momentum {momentum}")
-    ax_gap.set(xlabel="epoch", ylabel="median relative variance gap (log)", title="moving vs batch")
+    curves = [(momentum, history.gap("var"), history.infer_acc)] + [
+        (m, history.gap("var", momentum=m), history.replayed_acc[m]) for m in history.momenta
+    ]
+    for m, gaps, accs in curves:
+        ax_gap.semilogy(history.epochs, gaps.max(axis=0), "o-", ms=3, label=f"momentum {m}")
+        ax_acc.plot(history.epochs, accs, "o-", ms=3, label=f"momentum {m}")
+    ax_gap.set(xlabel="epoch", ylabel="worst layer's |ln(moving var /\nbatch var)| (log)",
+               title="moving vs batch")
     ax_acc.set(xlabel="epoch", ylabel="accuracy in inference mode", ylim=(-0.05, 1.05), title="predict on training images")
     for ax in (ax_gap, ax_acc):
         ax.grid(alpha=0.3, which="both")
@@ -1068,6 +1784,27 @@ def plot_gap_by_momentum(histories: dict[float, BatchNormHistory], title: str) -
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     plt.show()
+
+
+def updates_needed(momentum: float, remaining: float = 0.01) -> int:
+    """Fewest updates after which ``momentum**n <= remaining``.
+
+    By the moving-average law ``v_n - s = m**n (v_0 - s)`` (batch statistic ``s``
+    held fixed), that is when the distance to ``s`` has shrunk to ``remaining``
+    (default 1 %) of the initial distance, whatever the values. The series' one
+    criterion for "the moving statistics have caught up" (notebooks 04 and 05).
+    Raises ``ValueError`` unless ``0 < momentum < 1`` and ``0 < remaining < 1``.
+    """
+    if not (0.0 < momentum < 1.0 and 0.0 < remaining < 1.0):
+        raise ValueError(
+            f"momentum={momentum} and remaining={remaining} must both lie strictly between 0 and 1"
+        )
+    n = int(np.ceil(np.log(remaining) / np.log(momentum)))
+    while momentum ** n > remaining:  # guard against rounding in the logarithms
+        n += 1
+    while n > 0 and momentum ** (n - 1) <= remaining:
+        n -= 1
+    return n
 
 
 def replay_moving_statistics(
@@ -1095,22 +1832,34 @@ def replay_moving_statistics(
     return replayed
 
 
-def set_moving_statistics(model: keras.Model, stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    """Write ``layer name -> (moving_mean, moving_variance)`` into the model's BN layers. Notebook 05."""
-    layers = {layer.name: layer for layer in batchnorm_layers(model)}
+def set_moving_statistics(model: keras.layers.Layer, stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Write ``path -> (moving_mean, moving_variance)`` into the model's BN layers.
+
+    Paths as :func:`named_batchnorm_layers` and :func:`moving_statistics` give them
+    (plain names at top level); arrays of shape ``(channels,)``. Raises ``KeyError``
+    naming any unknown path before anything is written. Introduced in notebook 05.
+    """
+    layers = named_batchnorm_layers(model)
     missing = set(stats) - set(layers)
     if missing:
-        raise KeyError(f"no BatchNormalization layer named {sorted(missing)}")
-    for name, (mean, var) in stats.items():
-        _assign_moving(layers[name], mean, var)
+        raise KeyError(
+            f"no BatchNormalization layer at {sorted(missing)}; the model's are "
+            f"{list(layers)[:6]}{' ...' if len(layers) > 6 else ''}"
+        )
+    for path, (mean, var) in stats.items():
+        _assign_moving(layers[path], mean, var)
 
 
 def plot_remedies(results: list[RemedyResult], title: str) -> None:
-    """Accuracy of predict and the training/inference gap, one bar per remedy. Notebook 05."""
+    """Accuracy of predict and the training/inference gap, one bar per remedy. Notebook 05.
+
+    Remedies whose training did not memorise the images are labelled "(training failed)".
+    """
     plt = _plt()
     names = [r.name for r in results]
     y = np.arange(len(results))
     fig, (ax_acc, ax_gap) = plt.subplots(1, 2, figsize=(8, 0.45 * len(results) + 1.6), sharey=True)
+    names = [n if r.memorised else f"{n} (training failed)" for n, r in zip(names, results)]
     colors = ["tab:green" if r.accuracy == 1.0 and all(r.alone_right) else "tab:red" for r in results]
     ax_acc.barh(y, [r.accuracy for r in results], color=colors)
     ax_acc.set(xlabel="accuracy of the served answers", xlim=(0, 1.05))
@@ -1127,3 +1876,141 @@ def plot_remedies(results: list[RemedyResult], title: str) -> None:
     fig.suptitle(title + "\n(green: all right, alone too)", fontsize=10)
     fig.tight_layout()
     plt.show()
+
+
+# ---------------------------------------------------------------------------
+# Notebooks 06-07
+# ---------------------------------------------------------------------------
+
+#: The classes :func:`draw_patterns` draws, in label order.
+PATTERN_CLASSES = ("horizontal", "vertical", "diagonal", "blob")
+
+
+def draw_patterns(
+    count: int,
+    size: int = 16,
+    noise: float = 1.0,
+    offset: float = 0.0,
+    gain: float = 1.0,
+    rng: np.random.Generator | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw ``count`` noisy grayscale patterns, one of :data:`PATTERN_CLASSES` each.
+
+    Stripes (horizontal, vertical, diagonal) of random period (3-6 pixels),
+    phase and amplitude (0.4-0.9), or a Gaussian blob at a random place, plus
+    Gaussian pixel noise of standard deviation ``noise``; then every pixel is
+    mapped to ``gain * value + offset`` (a shifted distribution, notebook 07).
+    Classes are balanced and shuffled. Returns ``images`` of shape
+    ``(count, size, size, 1)`` (float32, values around 0, no units) and one-hot
+    ``labels`` of shape ``(count, 4)``. Without ``rng`` it draws from NumPy's
+    global generator, which ``setup()`` seeds. Introduced in notebook 06.
+    """
+    if count < 1 or size < 8:
+        raise ValueError(f"count={count} must be at least 1 and size={size} at least 8")
+    if noise < 0 or gain <= 0:
+        raise ValueError(f"noise={noise} must be >= 0 and gain={gain} > 0")
+    if rng is None:
+        rng = np.random.default_rng(np.random.randint(2**31 - 1))
+    classes = len(PATTERN_CLASSES)
+    labels = np.arange(count) % classes
+    rng.shuffle(labels)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    images = np.empty((count, size, size), np.float64)
+    for i, label in enumerate(labels):
+        period, phase, amplitude = rng.uniform(3, 6), rng.uniform(0, 2 * np.pi), rng.uniform(0.4, 0.9)
+        if label == 0:
+            pattern = np.sin(2 * np.pi * yy / period + phase)
+        elif label == 1:
+            pattern = np.sin(2 * np.pi * xx / period + phase)
+        elif label == 2:
+            pattern = np.sin(2 * np.pi * (xx + yy) / (period * np.sqrt(2)) + phase)
+        else:
+            cy, cx = rng.uniform(3, size - 3, 2)
+            radius = rng.uniform(2, 4)
+            pattern = 2 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2)) - 0.5
+        images[i] = amplitude * pattern + noise * rng.standard_normal((size, size))
+    images = gain * images + offset
+    return images[..., None].astype(np.float32), np.eye(classes, dtype=np.float32)[labels]
+
+
+def build_small_cnn(
+    size: int = 16,
+    num_classes: int = len(PATTERN_CLASSES),
+    momentum: float = 0.99,
+    seed: int = SEED,
+    prefix: str = "",
+) -> keras.Model:
+    """A small CNN with three BatchNormalization layers, two after convolutions, one after a dense layer.
+
+    ``conv1`` (8 filters 3x3) - ``bn1`` - ReLU - ``conv2`` (16 filters 3x3,
+    stride 2) - ``bn2`` - ReLU - global average pooling (``pool``) - ``dense``
+    (16 units) - ``bn3`` - ReLU - ``classes`` (softmax). Input ``(size, size, 1)``.
+    ``bn1`` and ``bn2`` take statistics over batch and space (batch x 256 and
+    batch x 64 values per channel at ``size=16``), ``bn3`` over the batch only.
+    Seeds first, so every call gives the same initial weights; ``prefix`` is
+    put before every layer name (two models in one network, notebook 07).
+    Not compiled. Introduced in notebook 06.
+    """
+    if size < 8 or num_classes < 2:
+        raise ValueError(f"size={size} must be at least 8 and num_classes={num_classes} at least 2")
+    keras.utils.set_random_seed(seed)
+    layers = keras.layers
+    inputs = keras.Input((size, size, 1), name=f"{prefix}image")
+    x = layers.Conv2D(8, 3, padding="same", use_bias=False, name=f"{prefix}conv1")(inputs)
+    x = layers.BatchNormalization(momentum=momentum, name=f"{prefix}bn1")(x)
+    x = layers.ReLU(name=f"{prefix}relu1")(x)
+    x = layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False, name=f"{prefix}conv2")(x)
+    x = layers.BatchNormalization(momentum=momentum, name=f"{prefix}bn2")(x)
+    x = layers.ReLU(name=f"{prefix}relu2")(x)
+    x = layers.GlobalAveragePooling2D(name=f"{prefix}pool")(x)
+    x = layers.Dense(16, use_bias=False, name=f"{prefix}dense")(x)
+    x = layers.BatchNormalization(momentum=momentum, name=f"{prefix}bn3")(x)
+    x = layers.ReLU(name=f"{prefix}relu3")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name=f"{prefix}classes")(x)
+    return keras.Model(inputs, outputs, name=f"{prefix}small_cnn")
+
+
+def per_batch_statistics(
+    model: keras.Model, images: np.ndarray, batch_size: int
+) -> dict[str, list[Moments]]:
+    """The statistics each BatchNormalization layer normalizes with, batch by batch.
+
+    Runs ``model(batch, training=True)`` on consecutive batches of ``images``
+    (the last one may be smaller) and returns ``layer name -> list of Moments``,
+    one per batch: per-channel mean and biased variance over the batch (and the
+    spatial axes of a convolution's output), as ``fit`` computes them. No weight
+    and no moving statistic changes. Introduced in notebook 06.
+    """
+    images = np.asarray(images)
+    if len(images) == 0 or batch_size < 1:
+        raise ValueError(f"need at least one image and batch_size >= 1 (got {batch_size})")
+    with frozen_moving_statistics(model), recording_batchnorm_inputs(model) as records:
+        for start in range(0, len(images), batch_size):
+            model(images[start : start + batch_size], training=True)
+    return records
+
+
+def html_table(header: list[str], rows: list[list], caption: str = ""):
+    """A small HTML table (``IPython.display.HTML``) that JupyterLab renders and nbval compares.
+
+    Floats are shown with 3 significant digits, other values as ``str``.
+    Introduced in notebook 06.
+    """
+    from html import escape
+
+    from IPython.display import HTML
+
+    if any(len(row) != len(header) for row in rows):
+        raise ValueError(f"every row needs {len(header)} cells")
+
+    def cell(value, tag):
+        text = f"{value:.3g}" if isinstance(value, float) else str(value)
+        return f"<{tag}>{escape(text)}</{tag}>"
+
+    lines = ["<table>"]
+    if caption:
+        lines.append(f"<caption>{escape(caption)}</caption>")
+    lines.append("<tr>" + "".join(cell(h, "th") for h in header) + "</tr>")
+    lines += ["<tr>" + "".join(cell(v, "td") for v in row) + "</tr>" for row in rows]
+    lines.append("</table>")
+    return HTML("\n".join(lines))

@@ -50,13 +50,17 @@ def _public_helpers():
 
 def _public_names():
     """Every public attribute of utils that is its own (helpers and constants, not modules)."""
-    return {
-        name
-        for name, value in vars(utils).items()
-        if not name.startswith("_")
-        and not inspect.ismodule(value)
-        and getattr(value, "__module__", utils.__name__) == utils.__name__
-    }
+    names = set()
+    for name, value in vars(utils).items():
+        if name.startswith("_") or inspect.ismodule(value):
+            continue
+        if inspect.isfunction(value) or inspect.isclass(value):  # imported ones are not utils'
+            if getattr(value, "__module__", None) != utils.__name__:
+                continue
+        elif not name.isupper():  # other values: the module's constants (DATA_DIR, SEED, ...)
+            continue
+        names.add(name)
+    return names
 
 
 def _code_spans(markdown):

@@ -367,6 +367,7 @@ def resnet_facts():
             "n_bn": len(bns),
             "momenta": {layer.momentum for layer in bns},
             "renorm": {bool(getattr(layer, "renorm", False)) for layer in bns},
+            "clipping": [dict(getattr(layer, "renorm_clipping", None) or {}) for layer in bns],
             "n_group": len(groups),
             "group_sizes": {layer.groups for layer in groups},
             "input_shape": tuple(model.input_shape),
@@ -382,6 +383,8 @@ def resnet_facts():
         ("batch_again", {"momentum": 0.9}),
         ("group", {"normalization": "group"}),
         ("renorm", {"normalization": "renorm", "momentum": 0.8}),
+        ("renorm_clipped", {"normalization": "renorm",
+                            "renorm_clipping": {"rmax": 1.0, "rmin": 1.0, "dmax": 0.0}}),
     ):
         keras.backend.clear_session()
         model = utils.build_resnet50(3, size=32, **kwargs)
@@ -426,6 +429,11 @@ def test_build_resnet50_renorm(resnet_facts):
     assert facts["momenta"] == {0.8}
     assert facts["convs"] == resnet_facts["batch"]["convs"]
     assert facts["output_shape"] == (None, 3)
+    assert facts["clipping"] == [{}] * 53  # Keras then clips nothing
+    clipped = resnet_facts["renorm_clipped"]
+    assert clipped["clipping"] == [{"rmax": 1.0, "rmin": 1.0, "dmax": 0.0}] * 53
+    with pytest.raises(ValueError, match="renorm_clipping needs"):
+        utils.build_resnet50(3, size=32, renorm_clipping={"rmax": 3.0})
 
 
 def test_build_resnet50_rejects_unknown_normalization():
@@ -522,6 +530,64 @@ def test_batchnorm_layers_finds_nested_layers_in_order():
 
     plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     assert utils.batchnorm_layers(plain) == []
+
+
+def test_named_batchnorm_layers_gives_unique_paths():
+    keras.backend.clear_session()
+    inner = keras.Sequential(
+        [keras.Input((4, 4, 2)), keras.layers.BatchNormalization(name="bn")], name="inner"
+    )
+    inputs = keras.Input((4, 4, 2))
+    x = keras.layers.BatchNormalization(name="bn")(inputs)
+    x = inner(x)
+    wrapped = keras.layers.TimeDistributed(keras.layers.BatchNormalization(name="bn"), name="td")
+    model = keras.Model(inputs, wrapped(x))
+    named = utils.named_batchnorm_layers(model)
+    assert list(named) == ["bn", "inner/bn", "td/bn"]
+    assert named["bn"] is model.get_layer("bn") and named["inner/bn"] is inner.get_layer("bn")
+    assert list(named.values()) == utils.batchnorm_layers(model)
+    assert list(utils.moving_statistics(model)) == list(named)
+    assert utils.named_batchnorm_layers(keras.Sequential([keras.Input((3,))])) == {}
+
+
+def test_log_variance_ratio_hand_computed():
+    ratio = utils.log_variance_ratio([3.0, 0.5, 1.0], [1.0, 1.0, 1.0], eps=0.0)
+    np.testing.assert_allclose(ratio, np.log([3.0, 0.5, 1.0]))
+    # Symmetric: twice too large and half too small are equally far.
+    assert abs(utils.log_variance_ratio(2.0, 1.0, 0.0)) == pytest.approx(
+        abs(utils.log_variance_ratio(0.5, 1.0, 0.0))
+    )
+    # eps is added to both before the log: tiny variances count as equal.
+    assert utils.log_variance_ratio(1e-8, 1e-6, eps=1e-3) == pytest.approx(
+        np.log((1e-8 + 1e-3) / (1e-6 + 1e-3))
+    )
+
+
+def test_gaps_table_html():
+    rows = [
+        utils.LayerGap(0, "conv1_bn", 64, 9.0, 1.0, 0.1111, 1.6667, 0.2, 0.1, True),
+        utils.LayerGap(1, "block/bn", 8, 2.0, 2.1, 0.01, 1.05, 0.05, 1.1, False, frozen=True),
+        utils.LayerGap(2, "pre_bn", 8, 4.0, 0.5, 0.5, 0.125, 0.9, 0.1, True, frozen=True),
+    ]
+    table = utils.gaps_table_html(rows)
+    assert table.startswith("<table") and table.count("<tr>") == 1 + 3
+    assert "<b>mismatch</b>" in table and "<b>frozen, off</b>" in table
+    assert ">frozen<" in table and ">trains<" in table and "OFF" not in table
+    assert "2 of 3 BatchNormalization layers flagged: 1 mismatch, 1 frozen, off" in table
+    short = utils.gaps_table_html(rows, max_rows=1)
+    assert "block/bn" not in short and "... 2 more layers" in short
+
+
+def test_recalibration_counts_layers_and_keeps_details(tiny, data):
+    model, bn = tiny
+    x, _ = data
+    result = utils.recalibrate_batchnorm(model, x, batch_size=4)
+    assert isinstance(result, utils.Recalibration) and isinstance(result, int)
+    assert result == 1 and f"{result}" == "1" and str(result) == "1"
+    assert (result.samples, result.batches, result.estimator) == (10, 3, "population")
+    assert result.skipped == [] and result.statistics["bn"].count == 10 * 4 * 4
+    np.testing.assert_allclose(result.statistics["bn"].var, _np_moments(x)[1], rtol=1e-5)
+    assert "1 layers updated from 10 samples in 3 batches" in repr(result)
 
 
 def test_moments_merged_equals_moments_of_concatenation():
@@ -715,16 +781,18 @@ def test_format_gaps_table():
     lines = utils.format_gaps(rows).splitlines()
     assert len(lines) == 2 + 3 + 1
     assert "layer" in lines[0] and set(lines[1]) == {"-"}
-    assert "conv1_bn" in lines[2] and lines[2].rstrip().endswith("OFF")
-    assert "0.111" in lines[2] and "1.67" in lines[2]
+    assert "conv1_bn" in lines[2] and lines[2].rstrip().endswith("mismatch")
+    # |log ratio| column: |log 1.6667| = 0.511 (no log_var_gap given: taken from var_ratio).
+    assert "0.111" in lines[2] and "0.511" in lines[2] and " trains " in lines[2]
     assert "conv2_bn" in lines[3] and lines[3].rstrip().endswith("ok")
-    assert lines[-1] == "2 of 3 BatchNormalization layers flagged"
+    assert "OFF" not in "\n".join(lines)
+    assert lines[-1] == "2 of 3 BatchNormalization layers flagged: 2 mismatch"
 
     short = utils.format_gaps(rows, max_rows=1).splitlines()
     assert len(short) == 2 + 1 + 1 + 1
     assert "conv2_bn" not in "\n".join(short)
     assert short[-2] == "... 2 more layers"
-    assert short[-1] == "2 of 3 BatchNormalization layers flagged"
+    assert short[-1] == "2 of 3 BatchNormalization layers flagged: 2 mismatch"
 
 
 def test_format_gaps_on_diagnose_rows(tiny, data):
@@ -733,8 +801,8 @@ def test_format_gaps_on_diagnose_rows(tiny, data):
     table = utils.format_gaps(utils.diagnose_batchnorm(model, x))
     lines = table.splitlines()
     assert len(lines) == 4
-    assert re.match(r"\s*0 bn\s", lines[2]) and "OFF" in lines[2]
-    assert lines[-1] == "1 of 1 BatchNormalization layers flagged"
+    assert re.match(r"\s*0 bn\s", lines[2]) and lines[2].endswith("never updated")
+    assert lines[-1] == "1 of 1 BatchNormalization layers flagged: 1 never updated"
 
 
 def test_batchnorm_history_follows_the_moving_average_law(tiny, data):
@@ -774,16 +842,81 @@ def test_batchnorm_history_follows_the_moving_average_law(tiny, data):
     # Fresh moving statistics (0, 1) against data of mean 5: predict is off at epoch 0.
     assert history.infer_loss[0] != pytest.approx(history.train_loss[0], rel=1e-3)
 
-    gap_var = history.relative_gap()
-    gap_mean = history.relative_gap("mean")
+    gap_var = history.gap()
+    gap_mean = history.gap("mean")
     assert gap_var.shape == gap_mean.shape == (1, 4)
-    std = np.sqrt(var)
-    assert gap_var[0, 0] == pytest.approx(np.median(np.abs(1 - var) / var), rel=1e-5)
+    eps = bn.epsilon
+    assert history.epsilon == {"bn": eps}
+    std = np.sqrt(var + eps)
+    # Symmetric: |log((1 + eps) / (var + eps))|, however the variances compare.
+    assert gap_var[0, 0] == pytest.approx(
+        np.median(np.abs(np.log((1 + eps) / (var + eps)))), rel=1e-5
+    )
     assert gap_mean[0, 0] == pytest.approx(np.median(mean / std), rel=1e-5)
     # The mean's gap halves with every update of momentum 0.5.
     np.testing.assert_allclose(gap_mean[0], gap_mean[0, 0] * m ** np.arange(4), rtol=1e-4)
     with pytest.raises(ValueError):
-        history.relative_gap("bad")
+        history.gap("bad")
+    with pytest.raises(ValueError, match="not replayed"):
+        history.gap("var", momentum=0.9)
+
+
+def test_batchnorm_history_replays_other_momenta(tiny, data):
+    model, bn = tiny
+    x, y = data
+    bn.momentum = 0.5
+    utils.compile_model(model)
+    history = utils.BatchNormHistory(x, y, momenta=(0.5, 0.9))
+    model.fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[history])
+    mean, var = _np_moments(x)
+    assert list(history.replayed) == [0.5, 0.9]
+    for m in (0.5, 0.9):
+        assert len(history.replayed[m]) == len(history.replayed_acc[m]) == 4
+        for n, stats in enumerate(history.replayed[m]):
+            np.testing.assert_allclose(stats["bn"][0], (1 - m**n) * mean, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(stats["bn"][1], m**n + (1 - m**n) * var, rtol=1e-5)
+    # The momentum the model trained with is replayed exactly as Keras moved it.
+    for (mean_k, var_k), stats in zip(history.moving["bn"], history.replayed[0.5]):
+        np.testing.assert_allclose(stats["bn"][1], var_k, rtol=1e-5)
+    np.testing.assert_allclose(history.gap("var", momentum=0.5), history.gap("var"), rtol=1e-4)
+    np.testing.assert_allclose(history.replayed_loss[0.5], history.infer_loss, rtol=1e-4)
+    # Replayed statistics are evaluated in inference mode; the model keeps its own.
+    with utils.frozen_moving_statistics(model):
+        utils.set_moving_statistics(model, history.replayed[0.9][-1])
+        loss, acc = utils.loss_and_accuracy(model(x, training=False), y)
+    assert history.replayed_loss[0.9][-1] == pytest.approx(loss, rel=1e-5)
+    assert history.replayed_acc[0.9][-1] == acc
+    np.testing.assert_allclose(bn.moving_variance.numpy(), history.moving["bn"][-1][1], rtol=1e-6)
+    with pytest.raises(ValueError, match="momentum"):
+        utils.BatchNormHistory(x, y, momenta=(1.0,))
+
+
+def test_weight_steps_measures_each_update(tiny, data):
+    model, _ = tiny
+    x, y = data
+    utils.compile_model(model, learning_rate=0.01)
+    steps = utils.WeightSteps()
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[steps])
+    after = [v.numpy() for v in model.trainable_variables]
+    expected = sum(np.abs(a - b).sum() for a, b in zip(after, before)) / sum(a.size for a in after)
+    assert steps.steps == [pytest.approx(expected, rel=1e-6)]
+    # Adam's first update moves every weight with a non-zero gradient by the learning rate.
+    assert 0 < steps.steps[0] <= 0.01 * 1.0001
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[steps])
+    assert len(steps.steps) == 3 and steps.model is None
+
+
+def test_updates_needed():
+    assert utils.updates_needed(0.99) == 459
+    assert utils.updates_needed(0.9) == 44
+    assert utils.updates_needed(0.5, 0.25) == 2  # 0.5**2 is exactly 0.25
+    for m in (0.5, 0.9, 0.99, 0.999):
+        n = utils.updates_needed(m)
+        assert m**n <= 0.01 < m ** (n - 1)
+    for bad in ((1.0, 0.01), (0.0, 0.01), (0.9, 1.0), (0.9, 0.0)):
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            utils.updates_needed(*bad)
 
 
 def test_replay_moving_statistics_hand_computed():
@@ -887,7 +1020,7 @@ def test_plot_probabilities():
     assert ax.get_title() == "predict"
 
 
-def _fitted_history(momentum, epochs=2, seed=42):
+def _fitted_history(momentum, epochs=2, seed=42, momenta=()):
     """A BatchNormHistory of the tiny model fit on 10 samples (one batch per epoch)."""
     keras.backend.clear_session()
     rng = np.random.default_rng(seed)
@@ -896,14 +1029,14 @@ def _fitted_history(momentum, epochs=2, seed=42):
     model = _tiny_model()
     model.get_layer("bn").momentum = momentum
     utils.compile_model(model)
-    history = utils.BatchNormHistory(x, y)
+    history = utils.BatchNormHistory(x, y, momenta=momenta)
     model.fit(x, y, epochs=epochs, batch_size=16, shuffle=False, verbose=0, callbacks=[history])
     return history
 
 
 @pytest.fixture(scope="module")
 def two_histories():
-    return {0.5: _fitted_history(0.5), 0.9: _fitted_history(0.9)}
+    return {0.5: _fitted_history(0.5, momenta=(0.9, 0.1)), 0.9: _fitted_history(0.9)}
 
 
 def _gap_rows():
@@ -964,7 +1097,7 @@ def test_plot_gap_heatmap(two_histories):
     figure = plt.gcf()
     ax = figure.axes[0]
     assert len(figure.axes) == 2  # the heatmap and its colour bar
-    np.testing.assert_allclose(ax.images[0].get_array(), history.relative_gap("var"))
+    np.testing.assert_allclose(ax.images[0].get_array(), history.gap("var"))
     assert ax.get_title() == "heatmap"
     figure.canvas.draw()  # the log colour scale must be valid
 
@@ -994,19 +1127,22 @@ def test_plot_moving_average_law():
 
 @pytest.mark.filterwarnings(_NON_INTERACTIVE)
 def test_plot_gap_by_momentum(two_histories):
-    utils.plot_gap_by_momentum(two_histories, "momenta")
+    history = two_histories[0.5]
+    utils.plot_gap_by_momentum(history, 0.5, "momenta")
     figure = plt.gcf()
     ax_gap, ax_acc = figure.axes
-    assert len(ax_gap.lines) == len(ax_acc.lines) == 2
-    for line, history in zip(ax_gap.lines, two_histories.values()):
-        np.testing.assert_allclose(
-            line.get_ydata(), np.median(history.relative_gap("var"), axis=0)
-        )
-    for line, history in zip(ax_acc.lines, two_histories.values()):
-        np.testing.assert_allclose(line.get_ydata(), history.infer_acc)
+    assert len(ax_gap.lines) == len(ax_acc.lines) == 3
+    expected = [history.gap("var"), history.gap("var", 0.9), history.gap("var", 0.1)]
+    for line, gaps in zip(ax_gap.lines, expected):
+        np.testing.assert_allclose(line.get_ydata(), gaps.max(axis=0))
+    for line, accs in zip(
+        ax_acc.lines, [history.infer_acc, history.replayed_acc[0.9], history.replayed_acc[0.1]]
+    ):
+        np.testing.assert_allclose(line.get_ydata(), accs)
     assert [t.get_text() for t in ax_gap.get_legend().get_texts()] == [
         "momentum 0.5",
         "momentum 0.9",
+        "momentum 0.1",
     ]
 
 
@@ -1039,7 +1175,7 @@ def test_measure_remedy_inference_mode_leaves_statistics(tiny, data):
     model, bn = tiny
     x, y = data
     before = utils.moving_statistics(model)
-    result = utils.measure_remedy("fresh", model, x, y, fit_accuracy=0.5, seconds=1.25)
+    result = utils.measure_remedy("fresh", model, x, y, updates=7, extra="none", seconds=1.25)
     after = utils.moving_statistics(model)
     np.testing.assert_array_equal(before["bn"][0], after["bn"][0])
     np.testing.assert_array_equal(before["bn"][1], after["bn"][1])
@@ -1047,7 +1183,9 @@ def test_measure_remedy_inference_mode_leaves_statistics(tiny, data):
     train = keras.ops.convert_to_numpy(model(x, training=True))
     utils.set_moving_statistics(model, before)
     assert isinstance(result, utils.RemedyResult)
-    assert result.name == "fresh" and result.fit_accuracy == 0.5 and result.seconds == 1.25
+    assert result.name == "fresh" and result.updates == 7 and result.seconds == 1.25
+    assert result.extra == "none"
+    assert result.memorised == (utils.accuracy(train, y) == 1.0)
     assert result.predicted == np.argmax(served, axis=1).tolist()
     assert result.accuracy == utils.accuracy(served, y)
     assert result.mode_gap == pytest.approx(np.abs(train - served).max(), abs=1e-6)
@@ -1060,7 +1198,7 @@ def test_measure_remedy_training_mode_serves_training_outputs(tiny, data):
     model, _ = tiny
     x, y = data
     before = utils.moving_statistics(model)
-    result = utils.measure_remedy("train", model, x, y, 1.0, 0.0, training_mode=True)
+    result = utils.measure_remedy("train", model, x, y, 1, training_mode=True)
     np.testing.assert_array_equal(utils.moving_statistics(model)["bn"][1], before["bn"][1])
     assert result.mode_gap == 0.0
     with utils.frozen_moving_statistics(model):
@@ -1072,25 +1210,33 @@ def test_measure_remedy_after_recalibration_has_no_gap(tiny, data):
     model, _ = tiny
     x, y = data
     utils.recalibrate_batchnorm(model, x)
-    result = utils.measure_remedy("recal", model, x, y, 1.0, 0.0)
+    result = utils.measure_remedy("recal", model, x, y, 1)
     assert result.mode_gap < 1e-5
 
 
-def test_format_remedies_and_plot_remedies():
+def test_remedies_table_html_and_plot_remedies():
     rows = [
-        utils.RemedyResult("a baseline", 1.0, [0, 0, 0], 1 / 3, 825.7, [True, False, False], 1.0, 13.2),
-        utils.RemedyResult("b fixed", 1.0, [0, 1, 2], 1.0, 7e-5, [True, True, True], 0.0, 14.04),
+        utils.RemedyResult("a <baseline>", 5, True, [0, 0, 0], 1 / 3, 825.7,
+                           [True, False, False], 1.0, "none", 13.2),
+        utils.RemedyResult("b fixed", 5, True, [0, 1, 2], 1.0, 7e-5,
+                           [True, True, True], 0.0, "1 training-mode pass", 0.4),
+        utils.RemedyResult("c failed", 20, False, [1, 1, 1], 1 / 3, 3.4,
+                           [False, True, False], 0.0, "20 updates", 50.0),
     ]
-    table = utils.format_remedies(rows)
-    lines = table.splitlines()
-    assert lines[0].split()[0] == "remedy"
-    assert "a baseline" in lines[2] and "[0,0,0]" in lines[2] and "Ynn" in lines[2] and "13.2 s" in lines[2]
-    assert "b fixed" in lines[3] and "YYY" in lines[3] and "14.0 s" in lines[3]
-    assert len(lines) == 5
+    table = utils.remedies_table_html(rows)
+    assert table.startswith("<table") and table.endswith("</table>")
+    assert table.count("<tr>") == 4 and "<th>updates</th>" in table
+    assert "a &lt;baseline&gt;" in table  # names are escaped
+    assert "<td>0 0 0</td>" in table and "1 of 3 right" in table and "3 of 3 right" in table
+    assert "825.7" not in table and "826" in table  # 3 significant digits
+    # Only the failed training is marked, and no seconds appear (they vary).
+    assert table.count("training failed") == 1 and "c failed" in table.split("training failed")[0]
+    assert "13.2" not in table and "50.0" not in table
     utils.plot_remedies(rows, "title")
     import matplotlib.pyplot as plt
 
-    assert plt.get_fignums()  # a figure was drawn
+    labels = [t.get_text() for t in plt.gcf().axes[0].get_yticklabels()]
+    assert labels == ["a <baseline>", "b fixed", "c failed (training failed)"]
 
 
 def test_release_memory_clears_the_session():

@@ -1,0 +1,531 @@
+"""BatchNormalization helpers of ``utils.py`` on models and data pipelines of one's own.
+
+Every case is a small model; the expected statistics are computed with NumPy from
+the layer's actual input, captured by calling the sub-layers by hand or with a
+``keras.Model`` sub-model, never with the helper under test.
+"""
+
+import numpy as np
+import pytest
+
+import utils
+from utils import keras, tf
+
+EPS = 1e-3  # Keras's default BatchNormalization epsilon
+
+
+@pytest.fixture(autouse=True)
+def _fresh_session():
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    yield
+
+
+def _np(x):
+    return np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float64)
+
+
+def _moments(values, axes):
+    values = np.asarray(values, dtype=np.float64)
+    return values.mean(axis=axes), values.var(axis=axes)
+
+
+def _normalize(values, axes, gamma, beta, eps=EPS):
+    """Training-mode BatchNormalization in NumPy (batch statistics)."""
+    mean, var = _moments(values, axes)
+    return (values - mean) / np.sqrt(var + eps) * gamma + beta
+
+
+def _data(n=100, features=8, seed=1, loc=3.0, scale=2.0):
+    rng = np.random.default_rng(seed)
+    x = (loc + scale * rng.standard_normal((n, features))).astype(np.float32)
+    y = rng.standard_normal((n, 1)).astype(np.float32)
+    return x, y
+
+
+class Block(keras.layers.Layer):
+    """Dense(16) then BatchNormalization, created in __init__ and called in call."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(16, name="dense")
+        self.bn = keras.layers.BatchNormalization(name="bn")
+
+    def call(self, x, training=None):
+        return self.bn(self.dense(x), training=training)
+
+
+def _block_model():
+    model = keras.Sequential(
+        [keras.Input((8,)), Block(name="block"), keras.layers.Dense(1, name="out")], name="seq"
+    )
+    return model, model.get_layer("block")
+
+
+def _block_input(block, x):
+    return _np(block.dense(x))
+
+
+# ---------------------------------------------------------------------------
+# Finding the layers
+# ---------------------------------------------------------------------------
+
+
+def test_custom_layer_is_found_and_recalibrated():
+    model, block = _block_model()
+    assert utils.batchnorm_layers(model) == [block.bn]
+    assert list(utils.named_batchnorm_layers(model)) == ["block/bn"]
+    assert list(utils.moving_statistics(model)) == ["block/bn"]
+    x, _ = _data()
+    mean, var = _moments(_block_input(block, x), 0)
+
+    rows = utils.diagnose_batchnorm(model, x)
+    assert [r.name for r in rows] == ["block/bn"] and rows[0].verdict == "never updated"
+    n = utils.recalibrate_batchnorm(model, x, batch_size=100)
+    assert n == 1 and list(n.statistics) == ["block/bn"]
+    np.testing.assert_allclose(block.bn.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(block.bn.moving_variance.numpy(), var, rtol=1e-5)
+    assert utils.diagnose_batchnorm(model, x)[0].verdict == "ok"
+
+
+class ListBlock(keras.layers.Layer):
+    """Dense(4), then two BatchNormalization layers kept in a list."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(4, name="dense")
+        self.norms = [
+            keras.layers.BatchNormalization(name="bn_a", gamma_initializer="ones"),
+            keras.layers.BatchNormalization(name="bn_b"),
+        ]
+
+    def call(self, x, training=None):
+        x = self.dense(x)
+        for norm in self.norms:
+            x = norm(x, training=training)
+        return x
+
+
+def test_list_of_layers_and_batch_size_dependence():
+    model = keras.Sequential([keras.Input((8,)), ListBlock(name="lb"), keras.layers.Dense(1)])
+    block = model.layers[0]
+    block.norms[0].beta.assign([0.5, -1.0, 2.0, 0.0])
+    block.norms[0].gamma.assign([2.0, 1.0, 0.5, 3.0])
+    assert list(utils.named_batchnorm_layers(model)) == ["lb/bn_a", "lb/bn_b"]
+    x, _ = _data(n=40)
+    h = _block_input(block, x)
+    gamma, beta = block.norms[0].gamma.numpy(), block.norms[0].beta.numpy()
+    # bn_b's input: bn_a normalizing each batch of 10 with that batch's statistics.
+    second = np.concatenate(
+        [_normalize(h[i : i + 10], 0, gamma, beta) for i in range(0, 40, 10)]
+    )
+    utils.recalibrate_batchnorm(model, x, batch_size=10)
+    np.testing.assert_allclose(block.norms[0].moving_variance.numpy(), h.var(0), rtol=1e-5)
+    np.testing.assert_allclose(block.norms[1].moving_mean.numpy(), second.mean(0), atol=1e-5)
+    np.testing.assert_allclose(block.norms[1].moving_variance.numpy(), second.var(0), rtol=1e-4)
+
+
+def test_nested_models_with_duplicate_names_get_unique_paths():
+    def branch(name):
+        return keras.Sequential(
+            [keras.Input((6,)), keras.layers.Dense(3, name="d"),
+             keras.layers.BatchNormalization(name="bn")],
+            name=name,
+        )
+
+    inputs = keras.Input((6,))
+    left, right = branch("left"), branch("right")
+    merged = keras.layers.Concatenate()([left(inputs), right(inputs)])
+    top = keras.layers.BatchNormalization(name="bn")(merged)
+    model = keras.Model(inputs, keras.layers.Dense(1)(top))
+    named = utils.named_batchnorm_layers(model)
+    assert list(named) == ["left/bn", "right/bn", "bn"]
+    assert named["left/bn"] is left.get_layer("bn") and named["bn"] is model.get_layer("bn")
+
+    x, _ = _data(n=30, features=6)
+    seen, _ = utils.batch_statistics(model, x)
+    for name, sub in (("left", left), ("right", right)):
+        mean, var = _moments(_np(sub.get_layer("d")(x)), 0)
+        np.testing.assert_allclose(seen[f"{name}/bn"].mean, mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(seen[f"{name}/bn"].var, var, rtol=1e-5)
+    # Top-level layer: its input captured with a sub-model.
+    probe = keras.Model(inputs, merged)
+    np.testing.assert_allclose(seen["bn"].var, _np(probe(x, training=True)).var(0), rtol=1e-4)
+
+
+class TwinBlock(keras.layers.Layer):
+    """Two BatchNormalization layers given the same name."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.first = keras.layers.BatchNormalization(name="norm")
+        self.second = keras.layers.BatchNormalization(name="norm")
+
+    def call(self, x, training=None):
+        return self.second(self.first(x, training=training) * 3.0, training=training)
+
+
+def test_same_name_twice_in_a_custom_layer_and_a_shared_layer():
+    model = keras.Sequential([keras.Input((5,)), TwinBlock(name="twin")])
+    assert list(utils.named_batchnorm_layers(model)) == ["twin/norm", "twin/norm#2"]
+
+    shared = keras.layers.BatchNormalization(name="shared")
+    a, b = keras.Input((4,)), keras.Input((4,))
+    model = keras.Model([a, b], keras.layers.Add()([shared(a), shared(b)]))
+    assert utils.batchnorm_layers(model) == [shared]  # reachable twice, listed once
+    xa, _ = _data(n=12, features=4, seed=2)
+    xb, _ = _data(n=12, features=4, seed=3, loc=-1.0)
+    with utils.recording_batchnorm_inputs(model) as records:
+        model([xa, xb], training=False)
+    assert len(records["shared"]) == 2  # one record per call
+    seen, _ = utils.batch_statistics(model, [xa, xb])
+    both = np.concatenate([xa, xb]).astype(np.float64)
+    assert seen["shared"].count == 24
+    np.testing.assert_allclose(seen["shared"].var, both.var(0), rtol=1e-5)
+
+
+def test_time_distributed_wrapper():
+    model = keras.Sequential(
+        [keras.Input((5, 3)), keras.layers.TimeDistributed(
+            keras.layers.BatchNormalization(name="bn"), name="td")]
+    )
+    assert list(utils.named_batchnorm_layers(model)) == ["td/bn"]
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((20, 5, 3)) * [1.0, 2.0, 3.0] + 4.0).astype(np.float32)
+    result = utils.recalibrate_batchnorm(model, x, batch_size=20)
+    assert result.statistics["td/bn"].count == 20 * 5
+    bn = utils.batchnorm_layers(model)[0]
+    np.testing.assert_allclose(bn.moving_mean.numpy(), x.mean((0, 1)), rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), x.astype(np.float64).var((0, 1)),
+                               rtol=1e-4)
+
+
+def test_channels_first_axis_1():
+    model = keras.Sequential(
+        [keras.Input((3, 4, 5)), keras.layers.BatchNormalization(axis=1, name="bn")]
+    )
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((6, 3, 4, 5)) * np.array([1, 2, 3])[:, None, None]).astype(
+        np.float32)
+    seen, _ = utils.batch_statistics(model, x)
+    mean, var = _moments(x, (0, 2, 3))
+    assert seen["bn"].count == 6 * 4 * 5
+    np.testing.assert_allclose(seen["bn"].mean, mean, atol=1e-6)
+    np.testing.assert_allclose(seen["bn"].var, var, rtol=1e-5)
+
+
+class SubclassedNet(keras.Model):
+    def __init__(self):
+        super().__init__(name="net")
+        self.dense = keras.layers.Dense(4, name="dense")
+        self.bn = MyNorm(name="bn")
+
+    def call(self, x, training=None):
+        return self.bn(self.dense(x), training=training)
+
+
+class MyNorm(keras.layers.BatchNormalization):
+    """A subclass of BatchNormalization: it counts too."""
+
+
+def test_subclassed_model_and_batchnorm_subclass():
+    model = SubclassedNet()
+    x, _ = _data(n=16)
+    model(x)
+    assert list(utils.named_batchnorm_layers(model)) == ["bn"]
+    with utils.recording_batchnorm_inputs(model) as records:
+        model(x, training=True)
+    np.testing.assert_allclose(records["bn"][0].var, _np(model.dense(x)).var(0), rtol=1e-5)
+    assert records["bn"][0].training is True
+
+
+# ---------------------------------------------------------------------------
+# Input pipelines
+# ---------------------------------------------------------------------------
+
+
+class Batches(keras.utils.PyDataset):
+    def __init__(self, x, y, size):
+        super().__init__()
+        self.x, self.y, self.size = x, y, size
+
+    def __len__(self):
+        return -(-len(self.x) // self.size)
+
+    def __getitem__(self, i):
+        s = slice(i * self.size, (i + 1) * self.size)
+        return self.x[s], self.y[s]
+
+
+def _pipelines(x, y):
+    w = np.ones(len(x), np.float32)
+
+    def generator():
+        for i in range(0, len(x), 32):
+            yield x[i : i + 32], y[i : i + 32]
+
+    return {
+        "array": x,
+        "tf.data x": tf.data.Dataset.from_tensor_slices(x).batch(32),
+        "tf.data (x, y)": tf.data.Dataset.from_tensor_slices((x, y)).batch(32),
+        "tf.data (x, y, w)": tf.data.Dataset.from_tensor_slices((x, y, w)).batch(32),
+        "generator": generator(),
+        "PyDataset": Batches(x, y, 32),
+    }
+
+
+@pytest.mark.parametrize("estimator", ["population", "batch_mean"])
+def test_every_pipeline_gives_the_numpy_statistics(estimator):
+    model, block = _block_model()
+    x, y = _data(n=100)
+    h = _block_input(block, x)
+    starts = range(0, 100, 32)  # batches of 32, 32, 32 and 4
+    if estimator == "population":
+        mean, var = h.mean(0), h.var(0)
+    else:
+        mean = np.mean([h[s : s + 32].mean(0) for s in starts], axis=0)
+        var = np.mean([h[s : s + 32].var(0) for s in starts], axis=0)
+    for kind, data in _pipelines(x, y).items():
+        block.bn.moving_mean.assign(np.zeros(16, np.float32))
+        result = utils.recalibrate_batchnorm(model, data, estimator=estimator)
+        assert (result.samples, result.batches, int(result)) == (100, 4, 1), kind
+        np.testing.assert_allclose(block.bn.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-5,
+                                   err_msg=kind)
+        np.testing.assert_allclose(block.bn.moving_variance.numpy(), var, rtol=1e-5,
+                                   err_msg=kind)
+
+
+def test_estimators_differ_by_the_variance_of_batch_means():
+    model, block = _block_model()
+    x, _ = _data(n=64)
+    x[32:] += 5.0  # two batches with different means
+    h = _block_input(block, x)
+    pop = utils.recalibrate_batchnorm(model, x, batch_size=32).statistics["block/bn"]
+    avg = utils.recalibrate_batchnorm(model, x, batch_size=32, estimator="batch_mean")
+    avg = avg.statistics["block/bn"]
+    batch_means = np.stack([h[:32].mean(0), h[32:].mean(0)])
+    np.testing.assert_allclose(pop.mean, avg.mean, rtol=1e-5, atol=1e-6)  # equal batches
+    np.testing.assert_allclose(pop.var - avg.var, batch_means.var(0), rtol=1e-4, atol=1e-6)
+    one = utils.recalibrate_batchnorm(model, x, batch_size=64, estimator="batch_mean")
+    np.testing.assert_allclose(one.statistics["block/bn"].var, pop.var, rtol=1e-6)
+
+
+def test_limits_and_progress_bar(capsys):
+    model, block = _block_model()
+    x, _ = _data(n=100)
+    h = _block_input(block, x)
+    result = utils.recalibrate_batchnorm(model, x, batch_size=16, max_samples=40, verbose=1)
+    assert (result.samples, result.batches) == (40, 3)  # 16 + 16 + 8
+    np.testing.assert_allclose(block.bn.moving_variance.numpy(), h[:40].var(0), rtol=1e-5)
+    assert "3/3" in capsys.readouterr().out
+    result = utils.recalibrate_batchnorm(model, x, batch_size=16, max_batches=2)
+    assert (result.samples, result.batches) == (32, 2)
+    np.testing.assert_allclose(block.bn.moving_mean.numpy(), h[:32].mean(0), atol=1e-5)
+
+    def endless():
+        while True:
+            yield x[:10]
+
+    assert utils.recalibrate_batchnorm(model, endless(), max_batches=3).samples == 30
+
+
+def test_multi_input_dict_model():
+    a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
+    merged = keras.layers.Concatenate()([a, b])
+    model = keras.Model({"a": a, "b": b},
+                        keras.layers.BatchNormalization(name="bn")(merged))
+    rng = np.random.default_rng(6)
+    xa = rng.normal(2, 3, (50, 3)).astype(np.float32)
+    xb = rng.normal(-1, 0.5, (50, 2)).astype(np.float32)
+    both = np.concatenate([xa, xb], axis=1).astype(np.float64)
+    y = np.zeros((50, 1), np.float32)
+    for data in ({"a": xa, "b": xb},
+                 tf.data.Dataset.from_tensor_slices(({"a": xa, "b": xb}, y)).batch(16)):
+        utils.recalibrate_batchnorm(model, data, batch_size=16)
+        bn = model.get_layer("bn")
+        np.testing.assert_allclose(bn.moving_mean.numpy(), both.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(bn.moving_variance.numpy(), both.var(0), rtol=1e-4)
+    rows = utils.diagnose_batchnorm(model, {"a": xa, "b": xb})
+    assert rows[0].verdict == "ok"
+
+
+def test_mixed_precision_policy():
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model, block = _block_model()
+        x, _ = _data(n=32)
+        h = _np(keras.ops.cast(block.dense(x), "float32"))  # the float16 input, as BN sees it
+        utils.recalibrate_batchnorm(model, x)
+        assert block.bn.moving_mean.dtype == "float32"
+        np.testing.assert_allclose(block.bn.moving_mean.numpy(), h.mean(0), rtol=1e-3,
+                                   atol=1e-3)
+        np.testing.assert_allclose(block.bn.moving_variance.numpy(), h.var(0), rtol=1e-3)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+# ---------------------------------------------------------------------------
+# Frozen and renorm layers; what must not change
+# ---------------------------------------------------------------------------
+
+
+def test_frozen_layer_is_left_alone_and_called_frozen():
+    inputs = keras.Input((8,))
+    frozen_bn = keras.layers.BatchNormalization(name="pretrained")
+    h = keras.layers.Dense(6, name="d")(frozen_bn(inputs))
+    out = keras.layers.BatchNormalization(name="head_bn")(h)
+    model = keras.Model(inputs, out)
+    x, _ = _data(n=50)
+    frozen_bn.moving_mean.assign(np.full(8, 1.0, np.float32))  # as a pretrained layer's
+    frozen_bn.moving_variance.assign(np.full(8, 9.0, np.float32))
+    frozen_bn.trainable = False
+
+    rows = {r.name: r for r in utils.diagnose_batchnorm(model, x)}
+    assert rows["pretrained"].frozen and rows["pretrained"].in_fit == "frozen"
+    assert rows["pretrained"].verdict == "frozen, off"
+    assert rows["head_bn"].in_fit == "trains" and rows["head_bn"].verdict == "never updated"
+    assert "frozen, off" in utils.format_gaps(list(rows.values()))
+
+    result = utils.recalibrate_batchnorm(model, x)
+    assert int(result) == 1 and result.skipped == ["pretrained"]
+    np.testing.assert_array_equal(frozen_bn.moving_variance.numpy(), np.full(8, 9.0))
+    # head_bn's input: Dense of the frozen layer's inference-mode output, as in fit.
+    probe = keras.Model(inputs, h)
+    expected = _np(probe(x, training=True))
+    np.testing.assert_allclose(model.get_layer("head_bn").moving_variance.numpy(),
+                               expected.var(0), rtol=1e-4)
+
+    result = utils.recalibrate_batchnorm(model, x, include_frozen=True)
+    assert int(result) == 2 and frozen_bn.trainable is False
+    np.testing.assert_allclose(frozen_bn.moving_variance.numpy(), x.astype(np.float64).var(0),
+                               rtol=1e-5)
+
+    frozen_bn.trainable = False
+    model.get_layer("head_bn").trainable = False
+    with pytest.raises(ValueError, match="include_frozen"):
+        utils.recalibrate_batchnorm(model, x)
+
+
+def test_renorm_layer_and_nothing_but_moving_statistics_changes():
+    model = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(8),
+         keras.layers.BatchNormalization(renorm=True, name="rn"),
+         keras.layers.Dropout(0.5, seed=1), keras.layers.Dense(1)]
+    )
+    x, _ = _data(n=40)
+    h = _np(model.layers[0](x))
+    rn = model.get_layer("rn")
+    moving = {id(rn.moving_mean), id(rn.moving_variance), id(rn.moving_stddev),
+              id(rn.renorm_mean), id(rn.renorm_stddev)}
+    before = {id(v): v.numpy().copy() for v in model.variables}
+    utils.recalibrate_batchnorm(model, x, batch_size=40)
+    for v in model.variables:
+        if id(v) not in moving:
+            np.testing.assert_array_equal(v.numpy(), before[id(v)], err_msg=v.path)
+    np.testing.assert_allclose(rn.moving_mean.numpy(), h.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rn.moving_variance.numpy(), h.var(0), rtol=1e-5)
+    np.testing.assert_allclose(rn.moving_stddev.numpy(), np.sqrt(h.var(0) + EPS), rtol=1e-5)
+    np.testing.assert_allclose(rn.renorm_stddev.numpy(), np.sqrt(h.var(0) + EPS), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Clear errors
+# ---------------------------------------------------------------------------
+
+
+def test_errors_name_the_problem():
+    model, _ = _block_model()
+    x, y = _data(n=20)
+    plain = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
+    for call in (utils.recalibrate_batchnorm, utils.diagnose_batchnorm):
+        with pytest.raises(ValueError, match="no BatchNormalization"):
+            call(plain, x)
+    empty = tf.data.Dataset.from_tensor_slices((x[:0], y[:0])).batch(8)
+    for data in (x[:0], empty, iter(())):
+        with pytest.raises(ValueError, match="no batch"):
+            utils.recalibrate_batchnorm(model, data)
+    with pytest.raises(ValueError, match="no batch"):
+        utils.diagnose_batchnorm(model, empty)
+    with pytest.raises(ValueError, match="one value per channel"):
+        utils.recalibrate_batchnorm(model, x[:1])
+    with pytest.raises(ValueError, match="one value per channel"):
+        utils.recalibrate_batchnorm(model, x[:9], batch_size=4)  # 4, 4 and 1
+    with pytest.raises(ValueError, match="one value per channel"):
+        utils.diagnose_batchnorm(model, x[:1])
+    with pytest.raises(ValueError, match="cannot take this data"):
+        utils.recalibrate_batchnorm(model, tf.data.Dataset.from_tensor_slices(x))  # unbatched
+    with pytest.raises(ValueError, match="cannot take this data"):
+        utils.recalibrate_batchnorm(model, np.ones((4, 3), np.float32))
+    with pytest.raises(TypeError):
+        utils.recalibrate_batchnorm(model, "pictures/")
+    with pytest.raises(ValueError, match="estimator"):
+        utils.recalibrate_batchnorm(model, x, estimator="ema")
+    with pytest.raises(ValueError, match="max_samples"):
+        utils.recalibrate_batchnorm(model, x, max_samples=0)
+    # A batch of one image is fine: the spatial axes give many values per channel.
+    images = np.random.default_rng(0).normal(size=(1, 4, 4, 2)).astype(np.float32)
+    conv = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.BatchNormalization()])
+    assert utils.recalibrate_batchnorm(conv, images) == 1
+    # Nothing was written by the failed calls: never updated still.
+    assert utils.diagnose_batchnorm(model, x)[0].never_updated
+
+
+# ---------------------------------------------------------------------------
+# Composition of recording blocks
+# ---------------------------------------------------------------------------
+
+
+def test_recordings_compose_and_restore_exactly():
+    model, block = _block_model()
+    x, _ = _data(n=20)
+    bn = block.bn
+    with utils.recording_batchnorm_inputs(model) as outer:
+        model(x[:10], training=True)
+        rows = utils.diagnose_batchnorm(model, x)  # probes: hidden from the outer block
+        utils.recalibrate_batchnorm(model, x)
+        with utils.recording_batchnorm_inputs(model) as inner:
+            model(x, training=False)
+        with utils.frozen_moving_statistics(model):
+            model(x, training=True)
+    assert len(rows) == 1
+    assert len(inner["block/bn"]) == 1
+    assert [m.count for m in outer["block/bn"]] == [10, 20]
+    assert [m.training for m in outer["block/bn"]] == [True, False]
+    assert "call" not in vars(bn)
+
+    # A call attribute set by someone else before the block is put back, not deleted.
+    calls = []
+
+    def own_wrapper(*args, **kwargs):
+        calls.append(1)
+        return type(bn).call(bn, *args, **kwargs)
+
+    bn.call = own_wrapper
+    with utils.recording_batchnorm_inputs(model) as records:
+        model(x)
+    assert vars(bn)["call"] is own_wrapper and calls == [1] and len(records["block/bn"]) == 1
+    del bn.call
+
+    # A traced graph cannot be read: a clear error, and the layer is restored.
+    with pytest.raises(RuntimeError, match="run_eagerly"):
+        with utils.recording_batchnorm_inputs(model):
+            tf.function(lambda v: model(v, training=True))(x)
+    assert "call" not in vars(bn)
+
+
+def test_batchnorm_history_inside_a_recording_of_fit():
+    model = keras.Sequential(
+        [keras.Input((8,)), Block(name="block"), keras.layers.Dense(2, activation="softmax")]
+    )
+    model.compile(optimizer="sgd", loss="categorical_crossentropy", run_eagerly=True)
+    x, _ = _data(n=20)
+    y = np.eye(2, dtype=np.float32)[np.arange(20) % 2]
+    history = utils.BatchNormHistory(x, y)
+    with utils.recording_batchnorm_inputs(model) as steps:
+        model.fit(x, y, epochs=2, batch_size=10, verbose=0, callbacks=[history])
+    assert len(history.batch["block/bn"]) == 3  # epochs 0, 1 and 2
+    # The callback's training-mode probes are hidden: the recording holds fit's 4 steps.
+    training_steps = [m for m in steps["block/bn"] if m.training]
+    assert [m.count for m in training_steps] == [10, 10, 10, 10]
+    assert "call" not in vars(model.layers[0].bn)
