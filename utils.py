@@ -61,7 +61,10 @@ REPOSITORY = "batchnorm-series/fit-vs-predict"
 
 
 def binder_url(path: str = "") -> str:
-    """The mybinder.org link that opens ``path`` (e.g. ``notebooks/01_load_images.ipynb``) in JupyterLab."""
+    """The mybinder.org link that opens ``path`` (e.g. ``notebooks/01_load_images.ipynb``) in JupyterLab.
+
+    The badge under every notebook's title is this link. Introduced in notebook 01.
+    """
     base = f"https://mybinder.org/v2/gh/{REPOSITORY}/HEAD"
     return f"{base}?urlpath=lab/tree/{path}" if path else f"{base}?urlpath=lab"
 
@@ -231,7 +234,8 @@ def load_image(path: str | os.PathLike, size: int = IMAGE_SIZE) -> np.ndarray:
     Applies the EXIF orientation, converts to grayscale (see ``_to_gray_float``)
     and resizes with Lanczos resampling (the filter ``Image.ANTIALIAS`` used to
     name). Non-square pictures are stretched, as in the original case. Raises
-    ``ValueError`` naming the file if it is not a readable image.
+    ``ValueError`` naming the file if it is not a readable image. Introduced in
+    notebook 01 (``load_images`` reads every picture with it).
     """
     path = Path(path)
     if path.is_file() and path.stat().st_size == 0:
@@ -419,6 +423,7 @@ def release_memory() -> None:
     Clears Keras's global session, runs the garbage collector, and on Linux asks
     glibc to hand freed memory back to the system, so the next model starts
     from a low watermark. Notebooks 04 and 05 call it between models.
+    Introduced in notebook 02.
     """
     keras.backend.clear_session()
     gc.collect()
@@ -434,15 +439,20 @@ def loss_and_accuracy(outputs, labels: np.ndarray) -> tuple[float, float]:
     Pass the tensor that a model call returned, not a NumPy copy: Keras then
     computes the loss from the logits behind the final softmax, unclipped,
     exactly like ``evaluate``. (From probabilities alone the loss of a
-    confidently wrong answer would be clipped at -ln(1e-7) = 16.1.)
-    Introduced in notebook 03.
+    confidently wrong answer would be clipped at -ln(1e-7) = 16.1.) ``labels``:
+    one-hot, shape ``(N, classes)``. Returns ``(loss, accuracy)``: the mean loss in
+    nats and the fraction of images right. Introduced in notebook 03, section 2.
     """
     loss = float(keras.losses.CategoricalCrossentropy()(labels, outputs))
     return loss, accuracy(keras.ops.convert_to_numpy(outputs), labels)
 
 
 def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """Fraction of rows whose arg-max matches the one-hot label."""
+    """Fraction of rows whose arg-max matches the one-hot label, a float in [0, 1].
+
+    ``probabilities``: shape ``(N, classes)`` (a model's output, as NumPy);
+    ``labels``: one-hot, the same shape. Introduced in notebook 03, section 1.
+    """
     return float(
         (np.argmax(probabilities, axis=1) == np.argmax(labels, axis=1)).mean()
     )
@@ -462,6 +472,8 @@ def named_batchnorm_layers(model: keras.layers.Layer) -> dict[str, keras.layers.
     layer holds as attributes or in lists and dicts, the layer a wrapper such as
     ``TimeDistributed`` wraps, and nested models. Subclasses of BatchNormalization
     count. A layer reachable twice (shared) appears once, under its first path.
+    (``_flatten_layers`` itself gives no paths and lists a nested layer's children
+    in reverse order, hence the walk here over the same lists.)
 
     Keys: a top-level layer keeps its plain name (``"conv1_bn"`` in ResNet50); a
     nested one is prefixed with the names of the layers that contain it, joined by
@@ -481,7 +493,7 @@ def batchnorm_layers(model: keras.layers.Layer) -> list[keras.layers.BatchNormal
     :func:`named_batchnorm_layers` (which also gives each one's unique path).
 
     Nested models, custom layers, wrappers and lists of layers included; an empty list
-    when there is none. Introduced in notebook 03.
+    when there is none. Introduced in notebook 03, section 3.
     """
     return [layer for _, layer in _find_batchnorm(model)]
 
@@ -617,7 +629,7 @@ def recording_batchnorm_inputs(model: keras.layers.Layer) -> Iterator[dict[str, 
     Blocks nest: an inner recording sees its calls, and so do the outer ones,
     except for calls made inside :func:`frozen_moving_statistics` (the probes that
     ``batch_statistics``, ``diagnose_batchnorm``, ``recalibrate_batchnorm`` and the
-    callbacks run), which outer recordings do not see. Introduced in notebook 03.
+    callbacks run), which outer recordings do not see. Introduced in notebook 03, section 4.
     """
     records: dict[str, list[Moments]] = {}
     recording = {"records": records, "active": True}
@@ -639,9 +651,8 @@ def recording_batchnorm_inputs(model: keras.layers.Layer) -> Iterator[dict[str, 
                             "with run_eagerly=True, or call it directly: model(x, training=...)"
                         )
                     training = kwargs.get("training", args[1] if len(args) > 1 else None)
-                    records[_path].append(
-                        _input_moments(_layer, inputs, kwargs.get("mask"), training)
-                    )
+                    mask = kwargs.get("mask", args[2] if len(args) > 2 else None)
+                    records[_path].append(_input_moments(_layer, inputs, mask, training))
                 return _inner(*args, **kwargs)
 
             layer.call = spy
@@ -668,7 +679,7 @@ def frozen_moving_statistics(model: keras.layers.Layer) -> Iterator[None]:
     statistics) are put back afterwards, even on an error. Calls made inside the
     block are probes: recordings opened outside it (:func:`recording_batchnorm_inputs`)
     do not see them, so a check run inside ``fit`` (a callback) adds no step to a
-    recording of ``fit``. Introduced in notebook 03.
+    recording of ``fit``. Introduced in notebook 03, section 2.
     """
     layers = batchnorm_layers(model)
     saved = [[v.numpy() for v in layer.non_trainable_variables] for layer in layers]
@@ -689,7 +700,7 @@ def moving_statistics(model: keras.layers.Layer) -> dict[str, tuple[np.ndarray, 
     """``path -> (moving_mean, moving_variance)``, float64 arrays of shape ``(channels,)``.
 
     Paths as in :func:`named_batchnorm_layers` (plain layer names at top level).
-    Introduced in notebook 03.
+    Introduced in notebook 03, section 5.
     """
     return {
         path: (
@@ -712,7 +723,7 @@ def batch_statistics(
     receive in ``predict``. Keys are paths (:func:`named_batchnorm_layers`); a layer
     called more than once in the pass (shared, or inside ``TimeDistributed``) gets
     its calls pooled; a layer the pass never calls is left out. Introduced in
-    notebook 03.
+    notebook 03, section 5.
     """
     with frozen_moving_statistics(model), recording_batchnorm_inputs(model) as records:
         outputs = model(images, training=training)
@@ -731,7 +742,7 @@ def log_variance_ratio(moving_var, batch_var, eps: float = 1e-3) -> np.ndarray:
     so channels whose variances both lie far below it count as equal. Arrays of any
     matching shape (usually ``(channels,)``; broadcasting applies). The measure of
     :func:`diagnose_batchnorm` (median and worst channel of the absolute value) and
-    of notebook 04's heatmap. Introduced in notebook 03.
+    of notebook 04's heatmap. Introduced in notebook 03, section 5.
     """
     moving = np.asarray(moving_var, dtype=np.float64)
     batch = np.asarray(batch_var, dtype=np.float64)
@@ -814,7 +825,8 @@ def diagnose_batchnorm(
     one batch of it: for arrays (or lists/dicts of arrays) the first ``batch_size``
     samples (``None``: all of them, as one batch), for a ``tf.data.Dataset``, a
     generator or a ``keras.utils.PyDataset`` the first batch it yields (labels and
-    sample weights ignored). The batch statistics are those every layer sees in a
+    sample weights ignored; a generator is advanced by that one batch). The batch
+    statistics are those every layer sees in a
     ``model(x, training=True)`` pass, as in ``fit`` (the moving statistics are left
     untouched). A layer is flagged when its median shift exceeds ``shift_tol``
     batch standard deviations or its median ``|log_variance_ratio|`` exceeds
@@ -824,7 +836,7 @@ def diagnose_batchnorm(
 
     Raises ``ValueError`` for a model without BatchNormalization, a ``ratio_tol``
     below 1, empty data, data the model cannot take, or a batch whose statistics
-    degenerate (one value per channel). Introduced in notebook 03.
+    degenerate (one value per channel). Introduced in notebook 03, section 5.
     """
     if ratio_tol < 1:
         raise ValueError(f"ratio_tol={ratio_tol} must be at least 1")
@@ -903,7 +915,7 @@ def format_gaps(rows: list[LayerGap], max_rows: int | None = None) -> str:
     channels, whether the layer trains or is frozen in ``fit``, median batch and
     moving variance, median ``|log_variance_ratio|``, median shift (batch standard
     deviations) and the verdict in words. The last line counts the flagged layers by
-    verdict. Introduced in notebook 03.
+    verdict. Introduced in notebook 03, section 9.
     """
     shown = rows if max_rows is None else rows[:max_rows]
     width = max([5] + [len(r.name) for r in shown])
@@ -930,7 +942,7 @@ def gaps_table_html(rows: list[LayerGap], max_rows: int | None = None) -> str:
     notebook column (small font, no fixed widths); flagged rows' verdicts in bold.
     Caption: what the columns measure; last line: the count by verdict. Plain HTML
     (no script, no style sheet), so GitHub renders it and nbval compares it as text.
-    Introduced in notebook 03.
+    Introduced in notebook 03, section 5.
     """
     import html
 
@@ -955,11 +967,17 @@ def gaps_table_html(rows: list[LayerGap], max_rows: int | None = None) -> str:
         "|log(moving var + eps) - log(batch var + eps)|; shift: median "
         "|moving mean - batch mean| in batch standard deviations"
     )
-    return (
-        '<table style="font-size:smaller">'
-        f'<caption style="caption-side:bottom">{html.escape(caption)}</caption>'
-        f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-        f"<p>{html.escape(_gap_summary(rows))}</p>"
+    return "\n".join(
+        [
+            '<table style="font-size:smaller">',
+            f'<caption style="caption-side:bottom">{html.escape(caption)}</caption>',
+            f"<thead><tr>{head}</tr></thead>",
+            "<tbody>",
+            *body,
+            "</tbody>",
+            "</table>",
+            f"<p>{html.escape(_gap_summary(rows))}</p>",
+        ]
     )
 
 
@@ -1021,7 +1039,8 @@ class BatchNormHistory(keras.callbacks.Callback):
         for name, stats in moving_statistics(self.model).items():
             self.moving.setdefault(name, []).append(stats)
         seen, train_out = batch_statistics(self.model, self.images, training=True)
-        infer_out = self.model(self.images, training=False)
+        with frozen_moving_statistics(self.model):  # a probe: recordings of fit do not see it
+            infer_out = self.model(self.images, training=False)
         for out, losses, accs in (
             (train_out, self.train_loss, self.train_acc),
             (infer_out, self.infer_loss, self.infer_acc),
@@ -1308,8 +1327,10 @@ def recalibrate_batchnorm(
     ``images``: the data, as ``fit`` takes it: a NumPy array or tensor, a list or
     dict of them (a model with several inputs), all cut into ``batch_size``
     samples; or a ``tf.data.Dataset``, a generator (any iterator) or a
-    ``keras.utils.PyDataset`` yielding ``x``, ``(x, y)`` or ``(x, y, sample_weight)``,
-    whose own batches are used as they come (``batch_size`` is ignored for them).
+    ``keras.utils.PyDataset`` yielding ``x``, ``(x, y)`` or ``(x, y, sample_weight)``
+    (read as ``fit`` reads them, with ``keras.utils.unpack_x_y_sample_weight``: a
+    list is ``(x, y)``, so a multi-input ``x`` goes in a tuple or dict), whose own
+    batches are used as they come (``batch_size`` is ignored for them).
     Labels and sample weights are ignored. ``max_batches`` / ``max_samples`` stop
     early (the last batch is cut to ``max_samples``); an infinite generator needs
     one of them. ``verbose=1`` shows a ``keras.utils.Progbar``.
@@ -1365,6 +1386,8 @@ def recalibrate_batchnorm(
     target = None
     if isinstance(images, keras.utils.PyDataset) and images.num_batches is not None:
         target = images.num_batches
+    elif isinstance(images, tf.data.Dataset) and int(images.cardinality()) >= 0:
+        target = int(images.cardinality())
     elif not isinstance(images, (tf.data.Dataset, keras.utils.PyDataset)) and (
         isinstance(images, (np.ndarray, dict, list, tuple)) or keras.ops.is_tensor(images)
     ):
@@ -1467,6 +1490,7 @@ class RemedyResult:
     largest ``|training-mode probability - served probability|``. ``extra``: what the
     remedy costs beyond the baseline's training, in words (updates, passes).
     ``seconds``: measured seconds of that extra work (varies from run to run).
+    Introduced in notebook 05.
     """
 
     name: str
@@ -1580,7 +1604,7 @@ def _plt():
 
 
 def show_images(images: np.ndarray, names: list[str], labels: np.ndarray | None = None) -> None:
-    """Show the images side by side, titled with file name and class. Notebook 01."""
+    """Show the images side by side, titled with file name and class. Introduced in notebook 01."""
     plt = _plt()
     n = len(images)
     fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.9), squeeze=False)
@@ -1594,7 +1618,7 @@ def show_images(images: np.ndarray, names: list[str], labels: np.ndarray | None 
 
 
 def plot_history(history: dict[str, list[float]], title: str) -> None:
-    """Loss (log scale) and accuracy per epoch from ``fit``'s history. Notebook 02."""
+    """Loss (log scale) and accuracy per epoch from ``fit``'s history. Introduced in notebook 02."""
     plt = _plt()
     epochs = np.arange(1, len(history["loss"]) + 1)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(8, 3))
@@ -1611,7 +1635,7 @@ def plot_history(history: dict[str, list[float]], title: str) -> None:
 
 
 def plot_probabilities(probabilities: np.ndarray, names: list[str], title: str) -> None:
-    """Bar chart of each image's predicted class probabilities. Notebook 02."""
+    """Bar chart of each image's predicted class probabilities. Introduced in notebook 02."""
     plt = _plt()
     n, k = probabilities.shape
     fig, ax = plt.subplots(figsize=(6, 2.8))
@@ -1630,6 +1654,7 @@ def resources() -> str:
 
     Peak memory is the kernel's resident high-water mark (``VmHWM`` in
     ``/proc/self/status``, Linux only). Every notebook ends by printing it.
+    Introduced in notebook 01.
     """
     seconds = time.perf_counter() - _IMPORTED_AT
     peak = "unknown"
@@ -1643,22 +1668,38 @@ def resources() -> str:
     return f"this notebook took {seconds:.0f} s; peak memory {peak}"
 
 
-def plot_layer_gaps(rows: list[LayerGap], title: str) -> None:
-    """Per BN layer: batch vs moving variance (log scale), and the mean shift. Notebook 03.
+def plot_layer_gaps(
+    rows: list[LayerGap], title: str, shift_tol: float = 0.2, ratio_tol: float = 1.5
+) -> None:
+    """Per BN layer: the log variance ratio and the mean shift, flagged layers in red.
 
-    ``rows`` come from :func:`diagnose_batchnorm`; flagged layers are marked red.
+    Top: ``log(var_ratio)``, the median over channels of :func:`log_variance_ratio`
+    (natural log of moving over batch variance; 0 is right, below 0 the moving
+    variance is too small, above too large), with the band ``+-log(ratio_tol)``
+    that :func:`diagnose_batchnorm` accepts; its distance from 0 is the symmetric
+    gap ``|log ratio|`` of the table. Bottom: the shift (``|moving - batch mean|``
+    in batch standard deviations, log scale) with the line ``shift_tol``. ``rows``
+    come from :func:`diagnose_batchnorm` (pass the tolerances given to it).
+    Introduced in notebook 03, section 5.
     """
     plt = _plt()
     index = np.array([r.index for r in rows])
-    flagged = np.array([r.flagged for r in rows])
+    flagged = np.array([r.flagged for r in rows], dtype=bool)
     fig, (ax_var, ax_shift) = plt.subplots(2, 1, figsize=(7, 5.2), sharex=True)
-    ax_var.semilogy(index, [r.batch_var for r in rows], "o-", ms=3, label="batch variance (what fit uses)")
-    ax_var.semilogy(index, [r.moving_var for r in rows], "s-", ms=3, label="moving variance (what predict uses)")
-    ax_var.set(ylabel="variance, median\nover channels (log)")
+    log_ratio = np.log([r.var_ratio for r in rows])
+    ax_var.plot(index, log_ratio, "o-", ms=3, color="tab:gray")
+    ax_var.plot(index[flagged], log_ratio[flagged], "o", ms=4, color="tab:red",
+                label="flagged layer")
+    ax_var.axhspan(-np.log(ratio_tol), np.log(ratio_tol), color="tab:green", alpha=0.15,
+                   label=f"within a factor {ratio_tol:g}")
+    ax_var.axhline(0, color="black", lw=0.8)
+    ax_var.set(ylabel="log(moving var / batch var)\nmedian over channels")
     ax_var.legend(fontsize=8)
     shift = np.array([r.shift for r in rows])
     ax_shift.semilogy(index, shift, "o-", ms=3, color="tab:gray")
-    ax_shift.semilogy(index[flagged], shift[flagged], "o", ms=4, color="tab:red", label="flagged layer")
+    ax_shift.semilogy(index[flagged], shift[flagged], "o", ms=4, color="tab:red",
+                      label="flagged layer")
+    ax_shift.axhline(shift_tol, color="tab:green", ls="--", lw=1, label=f"shift {shift_tol:g}")
     ax_shift.set(xlabel="BatchNormalization layer (input side -> output side)",
                  ylabel="|moving - batch mean|\nin batch std (log)")
     ax_shift.legend(fontsize=8)
@@ -1670,12 +1711,17 @@ def plot_layer_gaps(rows: list[LayerGap], title: str) -> None:
 
 
 def plot_activation_scale(train_rms: np.ndarray, infer_rms: np.ndarray, title: str) -> None:
-    """Root-mean-square of each BN layer's input in training vs inference mode (log). Notebook 03."""
+    """Root-mean-square of each BN layer's input, training vs inference mode (log scale).
+
+    ``train_rms`` and ``infer_rms``: one value per layer, shape ``(layers,)``, in the
+    units of the layer's input. Introduced in notebook 03, section 6.
+    """
     plt = _plt()
     index = np.arange(len(train_rms))
     fig, ax = plt.subplots(figsize=(7, 3.2))
     ax.semilogy(index, train_rms, "o-", ms=3, label="training mode (batch statistics)")
-    ax.semilogy(index, infer_rms, "s-", ms=3, color="tab:red", label="inference mode (moving statistics)")
+    ax.semilogy(index, infer_rms, "s-", ms=3, color="tab:red",
+                label="inference mode (moving statistics)")
     ax.set(xlabel="BatchNormalization layer (input side -> output side)",
            ylabel="RMS of the layer's input (log)", title=title)
     ax.grid(alpha=0.3, which="both")
@@ -1685,7 +1731,10 @@ def plot_activation_scale(train_rms: np.ndarray, infer_rms: np.ndarray, title: s
 
 
 def plot_moving_vs_batch(history: BatchNormHistory, layer_names: list[str], title: str) -> None:
-    """Per epoch, for a few layers: moving vs batch mean and variance (medians over channels). Notebook 04."""
+    """Per epoch, for a few layers: moving vs batch mean and variance (medians over channels).
+
+    Introduced in notebook 04.
+    """
     plt = _plt()
     epochs = np.array(history.epochs)
     fig, axes = plt.subplots(len(layer_names), 2, figsize=(7, 2.3 * len(layer_names)), squeeze=False)
@@ -1712,7 +1761,7 @@ def plot_moving_vs_batch(history: BatchNormHistory, layer_names: list[str], titl
 
 def plot_gap_heatmap(history: BatchNormHistory, title: str) -> None:
     """Heatmap of the variance gap ``|log_variance_ratio|`` (:meth:`BatchNormHistory.gap`),
-    BN layers x epochs, log colour scale. Notebook 04."""
+    BN layers x epochs, log colour scale. Introduced in notebook 04."""
     plt = _plt()
     from matplotlib.colors import LogNorm
 
@@ -1729,7 +1778,10 @@ def plot_gap_heatmap(history: BatchNormHistory, title: str) -> None:
 
 
 def plot_mode_losses(history: BatchNormHistory, title: str) -> None:
-    """Loss on the training images per epoch, training mode vs inference mode (log). Notebook 04."""
+    """Loss on the training images per epoch, training mode vs inference mode (log).
+
+    Introduced in notebook 04.
+    """
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.semilogy(history.epochs, history.train_loss, "o-", label="training mode (what fit sees)")
@@ -1743,7 +1795,7 @@ def plot_mode_losses(history: BatchNormHistory, title: str) -> None:
 
 
 def plot_moving_average_law(updates: np.ndarray, measured: np.ndarray, momentum: float, title: str) -> None:
-    """Measured fraction of the way travelled vs the law ``1 - m**n``. Notebook 04.
+    """Measured fraction of the way travelled vs the law ``1 - m**n``. Introduced in notebook 04.
 
     ``measured`` is ``(moving - initial) / (batch - initial)`` after each of ``updates``.
     """
@@ -1765,7 +1817,7 @@ def plot_gap_by_momentum(history: BatchNormHistory, momentum: float, title: str)
 
     ``momentum``: the model's own (its recorded moving statistics); the others are
     ``history.momenta``, replayed. The gap is :meth:`BatchNormHistory.gap`'s
-    ``|log_variance_ratio|``, largest over layers. Notebook 04.
+    ``|log_variance_ratio|``, largest over layers. Introduced in notebook 04.
     """
     plt = _plt()
     fig, (ax_gap, ax_acc) = plt.subplots(1, 2, figsize=(8, 3.2))
@@ -1794,6 +1846,7 @@ def updates_needed(momentum: float, remaining: float = 0.01) -> int:
     (default 1 %) of the initial distance, whatever the values. The series' one
     criterion for "the moving statistics have caught up" (notebooks 04 and 05).
     Raises ``ValueError`` unless ``0 < momentum < 1`` and ``0 < remaining < 1``.
+    Introduced in notebook 04.
     """
     if not (0.0 < momentum < 1.0 and 0.0 < remaining < 1.0):
         raise ValueError(
@@ -1832,7 +1885,9 @@ def replay_moving_statistics(
     return replayed
 
 
-def set_moving_statistics(model: keras.layers.Layer, stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+def set_moving_statistics(
+    model: keras.layers.Layer, stats: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> None:
     """Write ``path -> (moving_mean, moving_variance)`` into the model's BN layers.
 
     Paths as :func:`named_batchnorm_layers` and :func:`moving_statistics` give them
@@ -1851,7 +1906,9 @@ def set_moving_statistics(model: keras.layers.Layer, stats: dict[str, tuple[np.n
 
 
 def plot_remedies(results: list[RemedyResult], title: str) -> None:
-    """Accuracy of predict and the training/inference gap, one bar per remedy. Notebook 05.
+    """Accuracy of predict and the training/inference gap, one bar per remedy.
+
+    Introduced in notebook 05.
 
     Remedies whose training did not memorise the images are labelled "(training failed)".
     """

@@ -469,6 +469,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plain-onednn", choices=("default", "on", "off"), default="default",
                         help="oneDNN for the plain script: TensorFlow's default (as in the "
                         "original case), or forced on/off (the notebooks run with it off)")
+    parser.add_argument("--name", default="benchmark", metavar="NAME",
+                        help="write output/NAME.md and output/NAME.json (default: benchmark); "
+                        "e.g. --name benchmark-1cpu under taskset -c 0")
     parser.add_argument("--no-plain", action="store_true",
                         help="skip the plain script")
     return parser.parse_args(argv)
@@ -520,10 +523,10 @@ def main(argv: list[str] | None = None) -> int:
         "plain": plain,
         **summary,
     }
-    (OUTPUT / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (OUTPUT / "benchmark.md").write_text(table, encoding="utf-8")
-    print(f"\nwritten: {(OUTPUT / 'benchmark.md').relative_to(ROOT)}, "
-          f"{(OUTPUT / 'benchmark.json').relative_to(ROOT)}")
+    md_path, json_path = OUTPUT / f"{args.name}.md", OUTPUT / f"{args.name}.json"
+    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    md_path.write_text(table, encoding="utf-8")
+    print(f"\nwritten: {md_path.relative_to(ROOT)}, {json_path.relative_to(ROOT)}")
 
     failed = [r for r in notebooks if not r["ok"]]
     for r in failed:

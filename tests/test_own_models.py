@@ -200,6 +200,21 @@ def test_time_distributed_wrapper():
                                rtol=1e-4)
 
 
+def test_masked_positions_are_left_out_as_the_layer_leaves_them_out():
+    model = keras.Sequential(
+        [keras.Input((4, 2)), keras.layers.Masking(0.0), keras.layers.BatchNormalization(name="bn")]
+    )
+    rng = np.random.default_rng(7)
+    x = rng.normal(3.0, 2.0, (6, 4, 2)).astype(np.float32)
+    x[:, 3] = 0.0  # last time step masked in every sequence
+    x[0, 2] = 0.0
+    kept = np.concatenate([x[0, :2], x[1:, :3].reshape(-1, 2)]).astype(np.float64)
+    seen, _ = utils.batch_statistics(model, x)
+    assert seen["bn"].count == len(kept) == 17
+    np.testing.assert_allclose(seen["bn"].mean, kept.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(seen["bn"].var, kept.var(0), rtol=1e-4)
+
+
 def test_channels_first_axis_1():
     model = keras.Sequential(
         [keras.Input((3, 4, 5)), keras.layers.BatchNormalization(axis=1, name="bn")]

@@ -70,14 +70,29 @@ def _code_spans(markdown):
     return fenced + INLINE.findall(rest)
 
 
+def _names_in_markdown(markdown, names):
+    """Names a Markdown cell introduces: ``utils.NAME`` in any code, an inline span that is the
+    name itself (``NAME`` or ``NAME(...)``), or ``def NAME`` / ``class NAME`` in a fenced block.
+    A bare word inside other code (``metrics=["accuracy"]``) does not count."""
+    found = set()
+    for span in _code_spans(markdown):
+        for name in names:
+            if (
+                re.search(rf"\butils\.{name}\b", span)
+                or re.fullmatch(rf"\s*{name}\b(\(.*\))?\s*", span, re.S)
+                or re.search(rf"^\s*(def|class)\s+{name}\b", span, re.M)
+            ):
+                found.add(name)
+    return found
+
+
 def _introduced_names(path, names):
     """Names of ``names`` that the notebook introduces: in Markdown code, or defined in code."""
     found = set()
     for cell in _cells(path):
         source = "".join(cell["source"])
         if cell["cell_type"] == "markdown":
-            spans = _code_spans(source)
-            found |= {n for n in names if any(re.search(rf"\b{n}\b", s) for s in spans)}
+            found |= _names_in_markdown(source, names)
         elif cell["cell_type"] == "code":
             found |= {n for n in names if re.search(rf"^\s*(def|class)\s+{n}\b", source, re.M)}
     return found
@@ -135,6 +150,8 @@ def test_every_public_helper_says_which_notebook_introduces_it(name):
     assert match, f"utils.{name}: the docstring lacks 'Introduced in notebook NN'"
     number, section = match.groups()
     paths = {_number(p): p for p in NOTEBOOKS}
+    if number not in paths and number > max(paths):
+        pytest.skip(f"utils.{name} belongs to notebook {number}, not written yet")
     assert number in paths, f"utils.{name}: there is no notebook {number}"
     first = _first_introduction({name}).get(name)
     assert first in (None, number), (
@@ -147,12 +164,17 @@ def test_every_public_helper_says_which_notebook_introduces_it(name):
 
 
 def test_the_rules_see_what_they_should():
-    """The parsing itself: Markdown code spans count, plain prose and other code do not."""
-    markdown = "Use `utils.frozen_moving_statistics(model)` here; memorised is prose.\n```python\nx = utils.accuracy(p, y)\n```"
-    spans = _code_spans(markdown)
-    assert any("frozen_moving_statistics" in s for s in spans)
-    assert any("accuracy" in s for s in spans)
-    assert not any(re.search(r"\bmemorised\b", s) for s in spans)
+    """The parsing itself: Markdown code naming a helper counts; prose and other code do not."""
+    names = {"frozen_moving_statistics", "accuracy", "memorised", "setup", "resources", "SEED"}
+    markdown = (
+        "Use `utils.frozen_moving_statistics(model)`; memorised is prose; `setup()` is named;\n"
+        "`metrics=[\"accuracy\"]` is other code.\n```python\nx = utils.resources()\n```"
+    )
+    assert _names_in_markdown(markdown, names) == {
+        "frozen_moving_statistics",
+        "setup",
+        "resources",
+    }
     assert USED.findall("a = utils.moving_statistics(m)  # utils.SEED") == [
         "moving_statistics",
         "SEED",

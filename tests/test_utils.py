@@ -9,6 +9,7 @@ with numpy. The ResNet50 builder is exercised once per variant at 32 x 32.
 import hashlib
 import io
 import re
+from pathlib import Path
 
 import matplotlib
 
@@ -1053,12 +1054,18 @@ def test_plot_layer_gaps():
     utils.plot_layer_gaps(rows, "diagnosis")
     figure = plt.gcf()
     ax_var, ax_shift = figure.axes
-    assert ax_var.get_yscale() == "log" and ax_shift.get_yscale() == "log"
-    np.testing.assert_array_equal(ax_var.lines[0].get_ydata(), [9.0, 2.0, 4.0])
-    np.testing.assert_array_equal(ax_var.lines[1].get_ydata(), [1.0, 2.1, 0.5])
+    assert ax_var.get_yscale() == "linear" and ax_shift.get_yscale() == "log"
+    # Top: the signed log variance ratio (median moving / batch), symmetric around 0.
+    np.testing.assert_allclose(ax_var.lines[0].get_ydata(), np.log([0.11, 1.05, 0.125]))
     np.testing.assert_array_equal(ax_shift.lines[0].get_ydata(), [0.5, 0.01, 2.0])
-    # The flagged layers (0 and 2) are marked.
+    # The flagged layers (0 and 2) are marked in both panels.
+    np.testing.assert_array_equal(ax_var.lines[1].get_xdata(), [0, 2])
     np.testing.assert_array_equal(ax_shift.lines[1].get_xdata(), [0, 2])
+    # The diagnostic's default tolerances: a band of +-log(1.5) and a shift line at 0.2.
+    band = ax_var.patches[0]
+    np.testing.assert_allclose([band.get_y(), band.get_y() + band.get_height()],
+                               [-np.log(1.5), np.log(1.5)])
+    np.testing.assert_allclose(ax_shift.lines[2].get_ydata(), [0.2, 0.2])
     assert figure.get_suptitle() == "diagnosis"
 
 
@@ -1153,10 +1160,11 @@ def test_resources():
 
 
 def test_every_public_helper_is_tested():
-    """Fails when utils.py gains a public function or class that this file never calls."""
+    """Fails when utils.py gains a public function or class that no test file calls."""
     import inspect
 
-    source = inspect.getsource(inspect.getmodule(test_every_public_helper_is_tested))
+    here = Path(inspect.getsourcefile(test_every_public_helper_is_tested)).parent
+    source = "\n".join(p.read_text(encoding="utf-8") for p in sorted(here.glob("test_*.py")))
     public = [
         name
         for name, value in vars(utils).items()
