@@ -482,8 +482,9 @@ def named_batchnorm_layers(model: keras.layers.Layer) -> dict[str, keras.layers.
     ``#2``, ``#3``, ... appended. Order: depth first, in the order Keras tracks the
     layers (for functional and Sequential models the order of the graph, input side
     first; inside a custom layer the order its ``__init__`` created them). Every dict
-    of this module that holds per-layer results uses these keys. Introduced in
-    notebook 03.
+    of this module that holds per-layer results uses these keys. A layer that a
+    subclassed model creates in ``build()`` exists, and is listed, only once the
+    model is built (called on a batch). Introduced in notebook 03.
     """
     return dict(_find_batchnorm(model))
 
@@ -493,7 +494,8 @@ def batchnorm_layers(model: keras.layers.Layer) -> list[keras.layers.BatchNormal
     :func:`named_batchnorm_layers` (which also gives each one's unique path).
 
     Nested models, custom layers, wrappers and lists of layers included; an empty list
-    when there is none. Introduced in notebook 03, section 3.
+    when there is none. Introduced in notebook 02 (counting them); notebook 03, section 3,
+    looks inside them.
     """
     return [layer for _, layer in _find_batchnorm(model)]
 
@@ -526,14 +528,39 @@ def _find_batchnorm(model) -> list[tuple[str, keras.layers.BatchNormalization]]:
 
 
 def _require_batchnorm(model, purpose: str) -> dict[str, keras.layers.BatchNormalization]:
-    """:func:`named_batchnorm_layers`, or a ``ValueError`` saying there is none."""
-    layers = named_batchnorm_layers(model)
+    """:func:`named_batchnorm_layers`, or a ``ValueError`` saying there is none (or the
+    model is not built yet, see :func:`_require_built`)."""
+    layers = _require_built(model, purpose)
     if not layers:
         raise ValueError(
             f"{getattr(model, 'name', model)!r} has no BatchNormalization layer (searched its "
             f"whole layer tree), so there is nothing to {purpose}"
         )
     return layers
+
+
+def _require_built(model, purpose: str) -> dict[str, keras.layers.BatchNormalization]:
+    """:func:`named_batchnorm_layers` of a built model, or a ``ValueError``.
+
+    A model never called has no variables to save or read yet: a BatchNormalization
+    layer created in ``__init__`` gets its moving statistics at its first call (so a
+    probe would change them with nothing to restore), one created in ``build()`` does
+    not exist yet at all.
+    """
+    layers = named_batchnorm_layers(model)
+    unbuilt = [path for path, layer in layers.items() if not layer.built]
+    if getattr(model, "built", True) and not unbuilt:
+        return layers
+    what = (
+        f"{getattr(model, 'name', model)!r} is not built yet" if not getattr(model, "built", True)
+        else f"BatchNormalization layer(s) {unbuilt[:4]} are not built yet"
+    )
+    raise ValueError(
+        f"cannot {purpose}: {what}, so its BatchNormalization layers have no moving "
+        "statistics to read or restore (layers created in build() do not even exist): "
+        "call the model on one batch of your data first (model(x) or model.build(...)); "
+        "a layer the model's call never uses stays unbuilt"
+    )
 
 
 def _reduction_axes(layer, ndim: int) -> tuple[int, ...]:
@@ -629,8 +656,14 @@ def recording_batchnorm_inputs(model: keras.layers.Layer) -> Iterator[dict[str, 
     Blocks nest: an inner recording sees its calls, and so do the outer ones,
     except for calls made inside :func:`frozen_moving_statistics` (the probes that
     ``batch_statistics``, ``diagnose_batchnorm``, ``recalibrate_batchnorm`` and the
-    callbacks run), which outer recordings do not see. Introduced in notebook 03, section 4.
+    callbacks run), which outer recordings do not see. ``Moments.training`` of a
+    record says whether that call normalized with batch statistics: a model's call
+    may pass ``training=False`` to a part of it (a subclassed model running
+    ``self.base(x, training=False)``), which then runs in inference mode even in
+    ``fit``. Raises ``ValueError`` for a model not built yet (layers created in
+    ``build()`` would be missed). Introduced in notebook 03, section 4.
     """
+    _require_built(model, "record BatchNormalization inputs")
     records: dict[str, list[Moments]] = {}
     recording = {"records": records, "active": True}
     wrapped = []
@@ -672,17 +705,30 @@ def recording_batchnorm_inputs(model: keras.layers.Layer) -> Iterator[dict[str, 
 
 @contextlib.contextmanager
 def frozen_moving_statistics(model: keras.layers.Layer) -> Iterator[None]:
-    """Restore every BatchNormalization layer's non-trainable state on leaving the block.
+    """Restore all of the model's non-trainable state on leaving the block.
 
     A Keras 3 call with ``training=True`` updates the moving statistics as a
     side effect; inside this block it may, and they (with renorm's extra
-    statistics) are put back afterwards, even on an error. Calls made inside the
-    block are probes: recordings opened outside it (:func:`recording_batchnorm_inputs`)
-    do not see them, so a check run inside ``fit`` (a callback) adds no step to a
-    recording of ``fit``. Introduced in notebook 03, section 2.
+    statistics) are put back afterwards, even on an error. So is every other
+    non-trainable variable of the model (``model.non_trainable_variables``), such as
+    the state of a ``Dropout`` layer's seed generator, which each training-mode call
+    advances: a probe run from a callback inside ``fit`` (:class:`StopWhenMemorised`)
+    leaves the training it watches bit for bit as it would be without it. Calls made
+    inside the block are probes: recordings opened outside it
+    (:func:`recording_batchnorm_inputs`) do not see them, so a check run inside
+    ``fit`` adds no step to a recording of ``fit``.
+
+    Raises ``ValueError`` for a model not built yet (never called): its moving
+    statistics do not exist yet, so there would be nothing to restore.
+    Introduced in notebook 03, section 2.
     """
-    layers = batchnorm_layers(model)
-    saved = [[v.numpy() for v in layer.non_trainable_variables] for layer in layers]
+    layers = _require_built(model, "freeze the moving statistics")
+    variables = list(model.non_trainable_variables)
+    known = {id(v) for v in variables}
+    for layer in layers.values():  # a BN layer outside the tracked variables (a bare layer)
+        variables += [v for v in layer.non_trainable_variables if id(v) not in known]
+        known.update(id(v) for v in layer.non_trainable_variables)
+    saved = [v.numpy() for v in variables]
     hidden = [r for r in _OPEN_RECORDINGS if r["active"]]  # compared by identity only
     for recording in hidden:
         recording["active"] = False
@@ -691,17 +737,17 @@ def frozen_moving_statistics(model: keras.layers.Layer) -> Iterator[None]:
     finally:
         for recording in hidden:
             recording["active"] = True
-        for layer, values in zip(layers, saved):
-            for variable, value in zip(layer.non_trainable_variables, values):
-                variable.assign(value)
+        for variable, value in zip(variables, saved):
+            variable.assign(value)
 
 
 def moving_statistics(model: keras.layers.Layer) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``path -> (moving_mean, moving_variance)``, float64 arrays of shape ``(channels,)``.
 
     Paths as in :func:`named_batchnorm_layers` (plain layer names at top level).
-    Introduced in notebook 03, section 5.
+    Raises ``ValueError`` for a model not built yet. Introduced in notebook 03, section 5.
     """
+    _require_built(model, "read the moving statistics")
     return {
         path: (
             np.asarray(layer.moving_mean.numpy(), dtype=np.float64),
@@ -718,8 +764,10 @@ def batch_statistics(
 
     Runs ``model(images, training=training)`` once (``images``: whatever the model
     takes as one batch: an array, a list or a dict of arrays), leaving the moving
-    statistics untouched. With ``training=True`` these are the statistics the
-    trainable layers normalize with in ``fit``; with ``False``, what the layers
+    statistics and every other non-trainable variable untouched
+    (:func:`frozen_moving_statistics`; ``ValueError`` for a model not built yet).
+    With ``training=True`` these are the statistics the layers that train normalize
+    with in ``fit`` (``Moments.training`` says which did); with ``False``, what the layers
     receive in ``predict``. Keys are paths (:func:`named_batchnorm_layers`); a layer
     called more than once in the pass (shared, or inside ``TimeDistributed``) gets
     its calls pooled; a layer the pass never calls is left out. Introduced in
@@ -763,9 +811,15 @@ class LayerGap:
     ``|log_variance_ratio|`` (0 is right; ``log 1.5 = 0.41``); when not given, taken
     from ``var_ratio`` and ``worst_ratio``.
     ``flagged``: the statistics are off (beyond the thresholds of :func:`diagnose_batchnorm`).
-    ``frozen``: ``trainable`` is False, so the layer runs in inference mode in ``fit``
-    too (``keras/src/layers/normalization/batch_normalization.py``: training mode
-    needs ``training=True`` and ``trainable``).
+    ``frozen``: the layer runs in inference mode in ``fit`` too: in a training-mode
+    call of the model it did not normalize with batch statistics, because its
+    ``trainable`` is False or because the model's call passes it ``training=False``
+    (a subclassed model whose ``call`` runs ``self.base(x, training=False)``;
+    ``keras/src/layers/normalization/batch_normalization.py``: training mode needs
+    ``training=True`` and ``trainable``). In a *functional* model, by contrast,
+    ``base(inputs, training=False)`` does not freeze: at call time Keras 3 replaces
+    the stored ``training=False`` by the outer call's value when that is not ``None``
+    (``operation_fn`` in ``keras/src/models/functional.py``), so ``fit`` trains it.
     ``never_updated``: moving mean exactly 0 and variance exactly 1, Keras's start values.
     :attr:`verdict` says it in words. Introduced in notebook 03.
     """
@@ -794,21 +848,24 @@ class LayerGap:
 
     @property
     def in_fit(self) -> str:
-        """``"trains"`` (normalizes with batch statistics in ``fit``) or ``"frozen"``."""
+        """``"trains"`` (normalizes with batch statistics in ``fit``) or ``"frozen"``
+        (inference mode in ``fit`` too, see :attr:`frozen`)."""
         return "frozen" if self.frozen else "trains"
 
     @property
     def verdict(self) -> str:
-        """In words: ``"ok"``; ``"never updated"`` (start values 0 and 1 kept, and they
-        do not describe the data); ``"mismatch"`` (a trainable layer: ``predict``
-        normalizes differently from ``fit``); ``"frozen, off"`` (a frozen layer whose
-        statistics do not describe this data: ``fit`` used them too, so this is not a
-        fit/predict difference)."""
+        """In words, the first that applies, in this order: ``"ok"`` (not flagged);
+        ``"frozen, off"`` (a frozen layer whose statistics do not describe this data,
+        start values 0 and 1 included: ``fit`` normalized with them too, so this is
+        no fit/predict difference); ``"never updated"`` (a layer that trains in
+        ``fit`` but kept the start values 0 and 1, which do not describe the data);
+        ``"mismatch"`` (a layer that trains in ``fit``: ``predict`` normalizes
+        differently from ``fit``)."""
         if not self.flagged:
             return "ok"
-        if self.never_updated:
-            return "never updated"
-        return "frozen, off" if self.frozen else "mismatch"
+        if self.frozen:
+            return "frozen, off"
+        return "never updated" if self.never_updated else "mismatch"
 
 
 def diagnose_batchnorm(
@@ -831,12 +888,16 @@ def diagnose_batchnorm(
     untouched). A layer is flagged when its median shift exceeds ``shift_tol``
     batch standard deviations or its median ``|log_variance_ratio|`` exceeds
     ``log(ratio_tol)``. Each row says whether the layer trains or is frozen in
-    ``fit`` and gives a :attr:`LayerGap.verdict`. Rows follow
-    :func:`named_batchnorm_layers`; a layer the pass never calls gets no row.
+    ``fit`` (from what that pass did: frozen when it did not normalize with batch
+    statistics, see :attr:`LayerGap.frozen`) and gives a :attr:`LayerGap.verdict`.
+    Rows follow :func:`named_batchnorm_layers`; a layer the pass never calls gets no
+    row. Every non-trainable variable (moving statistics, a dropout layer's seed
+    state) is as before afterwards (:func:`frozen_moving_statistics`).
 
-    Raises ``ValueError`` for a model without BatchNormalization, a ``ratio_tol``
-    below 1, empty data, data the model cannot take, or a batch whose statistics
-    degenerate (one value per channel). Introduced in notebook 03, section 5.
+    Raises ``ValueError`` for a model not built yet (call it on one batch first), a
+    model without BatchNormalization, a ``ratio_tol`` below 1, empty data, data the
+    model cannot take, or a batch whose statistics degenerate (one value per
+    channel). Introduced in notebook 03, section 5.
     """
     if ratio_tol < 1:
         raise ValueError(f"ratio_tol={ratio_tol} must be at least 1")
@@ -878,7 +939,8 @@ def diagnose_batchnorm(
                 flagged=bool(median_shift > shift_tol or median_gap > np.log(ratio_tol)),
                 log_var_gap=median_gap,
                 worst_log_var_gap=float(gap[worst]),
-                frozen=not layer.trainable,
+                # pooled training is None when some calls trained and some did not
+                frozen=seen.training is False or not layer.trainable,
                 never_updated=bool(np.all(moving_mean == 0.0) and np.all(moving_var == 1.0)),
             )
         )
@@ -1283,13 +1345,15 @@ class Recalibration(int):
     """What :func:`recalibrate_batchnorm` did; as an ``int``, the number of layers updated.
 
     Attributes: ``statistics`` (``path -> Moments`` written into the layer:
-    ``count`` = values per channel used), ``skipped`` (paths of frozen layers left
-    alone, and of layers the data never reached), ``samples`` and ``batches``
-    (how much data was read), ``estimator``. Introduced in notebook 05.
+    ``count`` = values per channel used), ``skipped`` (paths of the layers left
+    alone: frozen ones, and those the data never reached), ``reasons`` (``path ->``
+    why that layer was skipped, in words), ``samples`` and ``batches`` (how much
+    data was read), ``estimator``. Introduced in notebook 05.
     """
 
     statistics: dict[str, Moments]
     skipped: list[str]
+    reasons: dict[str, str]
     samples: int
     batches: int
     estimator: str
@@ -1339,11 +1403,17 @@ def recalibrate_batchnorm(
 
     - ``"population"``: the exact mean and (biased) variance of all values the
       layer received, pooled over batches (Chan et al.'s merge): as if one batch
-      held all the data. fvcore's ``update_bn_stats`` computes this too (its
-      population estimator, weighting batches by size).
-    - ``"batch_mean"``: the mean over batches of each batch's mean and of each
-      batch's biased variance (the variance Keras normalizes with), every batch
-      weighted alike. PyTorch's ``torch.optim.swa_utils.update_bn`` (momentum
+      held all the data. fvcore's ``update_bn_stats`` computes approximately this
+      (its population estimator weights batches by size, but undoes PyTorch's
+      Bessel correction with the number of samples in a batch only, not with the
+      values per channel, e.g. ``N*H*W`` for images).
+    - ``"batch_mean"``: the mean over the layer's calls of each call's mean and of
+      each call's biased variance (the variance Keras normalizes with), every call
+      weighted alike. A layer called once per batch: the mean over batches. A layer
+      called several times per batch normalizes each call with that call's own
+      statistics, and each call counts once: a shared layer, or one inside
+      ``TimeDistributed`` (one call per time step, normalized over the batch at that
+      step). PyTorch's ``torch.optim.swa_utils.update_bn`` (momentum
       ``None``: a cumulative average) and fvcore's older ``update_bn_stats`` average
       the same way but over Bessel-corrected batch variances, larger by ``n/(n-1)``
       for ``n`` values per channel in a batch.
@@ -1358,19 +1428,28 @@ def recalibrate_batchnorm(
     normalize with the statistics of the batch at hand: the statistics measured are
     those of a network that normalizes batches of that size.
 
-    Frozen layers (``trainable=False``) run in inference mode in ``fit`` too, and the
-    layers after them were trained on their statistics: they are left alone unless
-    ``include_frozen=True`` (then they normalize with batch statistics during the
-    run, like the others, and ``trainable`` is restored). Only the moving statistics
-    change (renorm's extra statistics are set to match); every other variable (e.g.
-    a dropout layer's seed state) and setting is restored, even on an error.
+    Frozen layers run in inference mode in ``fit`` too, and the layers after them
+    were trained on their statistics: they are left alone. A layer is frozen when it
+    does not normalize with batch statistics in the run's training-mode calls: its
+    ``trainable`` is False, or the model's own ``call`` passes it ``training=False``
+    (a subclassed model running ``self.base(x, training=False)``; see
+    :attr:`LayerGap.frozen`). ``include_frozen=True`` sets ``trainable=True`` on the
+    first kind for the run (restored afterwards), so they normalize with batch
+    statistics like the others and are updated. It cannot change the second kind: a
+    call that passes ``training=False`` explicitly runs in inference mode whatever
+    the outer call says, so those layers are always left alone and listed in
+    ``skipped``, with the reason in ``reasons``. Only the moving statistics change
+    (renorm's extra statistics are set to match), and only from calls that
+    normalized with batch statistics; every other variable (e.g. a dropout layer's
+    seed state) and setting is restored, even on an error.
 
     Returns a :class:`Recalibration`: an ``int``, the number of layers updated (so
     ``n = recalibrate_batchnorm(model, images)`` counts layers), with details.
-    Raises ``ValueError`` for a model without BatchNormalization, no layer to update
-    (all frozen), empty data, data the model cannot take, a batch with one value per
-    channel, or a bad argument; ``TypeError`` for data of a type it cannot read.
-    Introduced in notebook 05.
+    Raises ``ValueError`` for a model not built yet (call it on one batch first), a
+    model without BatchNormalization, no layer to update (all frozen), empty data,
+    data the model cannot take, a batch with one value per channel, or a bad
+    argument; ``TypeError`` for data of a type it cannot read. Introduced in
+    notebook 05.
     """
     if estimator not in ("population", "batch_mean"):
         raise ValueError(f"estimator={estimator!r}; use 'population' or 'batch_mean'")
@@ -1399,7 +1478,8 @@ def recalibrate_batchnorm(
         target = min(target or int(max_batches), int(max_batches))
     progress = keras.utils.Progbar(target, verbose=verbose, unit_name="batch") if verbose else None
 
-    per_batch: dict[str, list[Moments]] = {path: [] for path in targets}
+    per_call: dict[str, list[Moments]] = {path: [] for path in targets}  # training-mode calls
+    reached: set[str] = set()
     samples = count = 0
     thawed = [l for l in targets.values() if not l.trainable]
     others = [v for v in model.non_trainable_variables]
@@ -1414,16 +1494,15 @@ def recalibrate_batchnorm(
                     _first_pass(model, lambda: model(x, training=True), x)
                 else:
                     model(x, training=True)
-                new = {
-                    path: _pooled(records[path][before[path]:])
-                    for path in targets if len(records[path]) > before[path]
-                }
                 _check_not_degenerate(
                     ((p, c) for p in records for c in records[p][before[p]:]),
                     "recalibrate_batchnorm",
                 )
-                for path, moments in new.items():
-                    per_batch[path].append(moments)
+                for path, recorded in records.items():
+                    fresh = recorded[before[path]:]
+                    reached.update([path] if fresh else [])
+                    if path in per_call:  # only calls that normalized with batch statistics
+                        per_call[path] += [moments for moments in fresh if moments.training]
                 samples += size
                 count += 1
                 if progress is not None:
@@ -1438,7 +1517,7 @@ def recalibrate_batchnorm(
     if count == 0:
         raise ValueError(_EMPTY_DATA)
     written: dict[str, Moments] = {}
-    for path, moments in per_batch.items():
+    for path, moments in per_call.items():
         if not moments:
             continue
         if estimator == "population":
@@ -1450,11 +1529,34 @@ def recalibrate_batchnorm(
                 int(sum(m.count for m in moments)),
                 True,
             )
+    reasons = {}
+    for path in named:
+        if path in written:
+            continue
+        if path not in reached:
+            reasons[path] = "the data never reached it (the model's call did not call it)"
+        elif path not in targets:
+            reasons[path] = (
+                "frozen (trainable=False): inference mode in fit too; "
+                "include_frozen=True updates it"
+            )
+        else:
+            reasons[path] = (
+                "frozen by the model's call, which passes it training=False: inference mode "
+                "in fit too, and include_frozen cannot override that argument"
+            )
+    if not written:
+        raise ValueError(
+            "no BatchNormalization layer normalized with batch statistics in a training-mode "
+            "call, so there is nothing to recalibrate: "
+            + "; ".join(f"{path!r}: {why}" for path, why in list(reasons.items())[:4])
+        )
     for path, moments in written.items():
         _assign_moving(targets[path], moments.mean, moments.var)
     result = Recalibration(len(written))
     result.statistics = written
-    result.skipped = [p for p in named if p not in written]
+    result.skipped = list(reasons)
+    result.reasons = reasons
     result.samples = samples
     result.batches = count
     result.estimator = estimator
@@ -1891,17 +1993,42 @@ def set_moving_statistics(
     """Write ``path -> (moving_mean, moving_variance)`` into the model's BN layers.
 
     Paths as :func:`named_batchnorm_layers` and :func:`moving_statistics` give them
-    (plain names at top level); arrays of shape ``(channels,)``. Raises ``KeyError``
-    naming any unknown path before anything is written. Introduced in notebook 05.
+    (plain names at top level); arrays of shape ``(channels,)``. Everything is
+    checked before anything is written: ``KeyError`` naming any unknown path,
+    ``ValueError`` naming the layer and the shape it expects for a value that is not
+    a pair of arrays of that shape, holds a non-finite value or a negative variance,
+    and for a model not
+    built yet. Introduced in notebook 05.
     """
-    layers = named_batchnorm_layers(model)
+    layers = _require_built(model, "set the moving statistics")
     missing = set(stats) - set(layers)
     if missing:
         raise KeyError(
             f"no BatchNormalization layer at {sorted(missing)}; the model's are "
             f"{list(layers)[:6]}{' ...' if len(layers) > 6 else ''}"
         )
-    for path, (mean, var) in stats.items():
+    checked = {}
+    for path, pair in stats.items():
+        expected = tuple(layers[path].moving_mean.shape)
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(
+                f"layer {path!r}: expected a pair (moving_mean, moving_variance) of arrays "
+                f"of shape {expected}, got {type(pair).__name__}"
+            )
+        mean, var = (np.asarray(a, dtype=np.float64) for a in pair)
+        for what, value in (("moving_mean", mean), ("moving_variance", var)):
+            if value.shape != expected:
+                raise ValueError(
+                    f"layer {path!r}: {what} has shape {value.shape}, expected {expected} "
+                    "(one value per channel); nothing was written"
+                )
+        if np.any(var < 0) or not np.all(np.isfinite(mean)) or not np.all(np.isfinite(var)):
+            raise ValueError(
+                f"layer {path!r}: moving_variance must be finite and >= 0 and moving_mean "
+                "finite; nothing was written"
+            )
+        checked[path] = (mean, var)
+    for path, (mean, var) in checked.items():
         _assign_moving(layers[path], mean, var)
 
 

@@ -544,3 +544,233 @@ def test_batchnorm_history_inside_a_recording_of_fit():
     training_steps = [m for m in steps["block/bn"] if m.training]
     assert [m.count for m in training_steps] == [10, 10, 10, 10]
     assert "call" not in vars(model.layers[0].bn)
+
+
+# ---------------------------------------------------------------------------
+# Layers that a model's own call keeps in inference mode
+# ---------------------------------------------------------------------------
+
+
+class BackboneNet(keras.Model):
+    """Calls its backbone with training=False: the backbone's BN stays in inference mode."""
+
+    def build(self, input_shape):
+        self.base = keras.Sequential(
+            [keras.layers.Dense(4, name="d"), keras.layers.BatchNormalization(name="bn_base")],
+            name="base",
+        )
+        self.head_bn = keras.layers.BatchNormalization(name="bn_head")
+        self.out = keras.layers.Dense(2, name="out")
+
+    def call(self, x, training=None):
+        return self.out(self.head_bn(self.base(x, training=False), training=training))
+
+
+def test_call_passing_training_false_is_frozen_in_fit_and_left_alone():
+    x, _ = _data(n=16)
+    model = BackboneNet()
+    model(x)
+    base_bn, head_bn = model.base.layers[-1], model.head_bn
+    start = [v.numpy().copy() for v in (base_bn.moving_mean, base_bn.moving_variance)]
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, np.zeros((16, 2), np.float32), epochs=2, verbose=0)
+    # fit left the backbone's statistics at the start values and moved the head's
+    np.testing.assert_array_equal(base_bn.moving_mean.numpy(), start[0])
+    np.testing.assert_array_equal(base_bn.moving_variance.numpy(), start[1])
+    assert not np.all(head_bn.moving_mean.numpy() == 0.0)
+
+    rows = {r.name: r for r in utils.diagnose_batchnorm(model, x)}
+    base_row = rows["base/bn_base"]
+    assert base_row.frozen and base_row.in_fit == "frozen" and base_row.never_updated
+    assert base_row.flagged and base_row.verdict == "frozen, off"  # frozen comes first
+    assert rows["bn_head"].in_fit == "trains" and not rows["bn_head"].frozen
+
+    for include_frozen in (False, True):
+        result = utils.recalibrate_batchnorm(model, x, batch_size=16,
+                                             include_frozen=include_frozen)
+        assert int(result) == 1 and result.skipped == ["base/bn_base"]
+        assert "training=False" in result.reasons["base/bn_base"]
+        np.testing.assert_array_equal(base_bn.moving_mean.numpy(), start[0])
+        np.testing.assert_array_equal(base_bn.moving_variance.numpy(), start[1])
+        head_input = _np(model.base(x, training=False))  # as in fit: backbone in inference
+        np.testing.assert_allclose(head_bn.moving_mean.numpy(), head_input.mean(0),
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(head_bn.moving_variance.numpy(), head_input.var(0),
+                                   rtol=1e-4)
+    head_bn.trainable = False  # now no layer normalizes with batch statistics
+    with pytest.raises(ValueError, match="nothing to recalibrate"):
+        utils.recalibrate_batchnorm(model, x, include_frozen=False)
+
+
+def test_functional_training_false_is_overridden_and_trains_in_fit():
+    x, _ = _data(n=16)
+    base = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(4, name="d"),
+         keras.layers.BatchNormalization(name="bn")], name="base")
+    inputs = keras.Input((8,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(base(inputs, training=False)))
+    bn = base.get_layer("bn")
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, np.zeros((16, 2), np.float32), epochs=1, verbose=0)
+    assert not np.all(bn.moving_mean.numpy() == 0.0)  # fit trained it: not frozen
+    (row,) = utils.diagnose_batchnorm(model, x)
+    assert row.name == "base/bn" and row.in_fit == "trains" and not row.frozen
+    result = utils.recalibrate_batchnorm(model, x, batch_size=16)
+    assert int(result) == 1 and result.skipped == [] and result.reasons == {}
+    seen = _np(base.get_layer("d")(x))
+    np.testing.assert_allclose(bn.moving_variance.numpy(), seen.var(0), rtol=1e-4)
+
+
+def test_frozen_takes_precedence_over_never_updated_in_the_verdict():
+    row = utils.LayerGap(0, "bn", 4, 4.0, 1.0, 0.8, 0.25, 0.9, 0.2, True,
+                         frozen=True, never_updated=True)
+    assert row.verdict == "frozen, off" and row.in_fit == "frozen"
+    row.frozen = False
+    assert row.verdict == "never updated"
+    row.never_updated = False
+    assert row.verdict == "mismatch"
+    row.flagged = False
+    assert row.verdict == "ok"
+
+
+# ---------------------------------------------------------------------------
+# Probes leave all non-trainable state alone
+# ---------------------------------------------------------------------------
+
+
+def _dropout_model():
+    return keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(6), keras.layers.Dropout(0.5),
+         keras.layers.BatchNormalization(name="bn"),
+         keras.layers.Dense(2, activation="softmax")])
+
+
+def _dropout_data():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 4)).astype(np.float32)
+    y = np.eye(2, dtype=np.float32)[rng.integers(0, 2, 32)]
+    return x, y
+
+
+def test_probes_leave_the_dropout_seed_state_alone():
+    model = _dropout_model()
+    x, y = _dropout_data()
+    before = [v.numpy().copy() for v in model.variables]
+    utils.diagnose_batchnorm(model, x)
+    utils.batch_statistics(model, x)
+    utils.memorised(model, x, y)
+    with utils.frozen_moving_statistics(model):
+        model(x, training=True)
+    for v, b in zip(model.variables, before):
+        np.testing.assert_array_equal(v.numpy(), b, err_msg=v.path)
+
+
+def test_stop_when_memorised_leaves_a_seeded_training_bit_identical():
+    def train(with_probes):
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(0)
+        model = _dropout_model()
+        model.compile(optimizer="sgd", loss="categorical_crossentropy")
+        x, y = _dropout_data()
+        stop = utils.StopWhenMemorised(x, y, min_epochs=1)
+        probe = keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: utils.diagnose_batchnorm(model, x))
+        model.fit(x, y, epochs=3, batch_size=32, verbose=0, shuffle=False,
+                  callbacks=[stop, probe] if with_probes else [])
+        return [v.numpy() for v in model.weights], stop
+
+    plain, _ = train(False)
+    probed, stop = train(True)
+    assert stop.stopped_epoch == 3 and not stop.memorised  # probed after every epoch
+    assert len(plain) == len(probed)
+    for a, b in zip(plain, probed):
+        np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------
+# Models not built yet, and writing statistics by hand
+# ---------------------------------------------------------------------------
+
+
+class InitNet(keras.Model):
+    def __init__(self):
+        super().__init__(name="init_net")
+        self.dense = keras.layers.Dense(3)
+        self.bn = keras.layers.BatchNormalization(name="bn")
+
+    def call(self, x, training=None):
+        return self.bn(self.dense(x), training=training)
+
+
+class BuildNet(InitNet):
+    def __init__(self):
+        keras.Model.__init__(self, name="build_net")
+
+    def build(self, input_shape):
+        self.dense = keras.layers.Dense(3)
+        self.bn = keras.layers.BatchNormalization(name="bn")
+
+
+def test_unbuilt_models_raise_call_the_model_first():
+    x, _ = _data(n=16)
+    first = "call the model on one batch of your data first"
+    for model in (InitNet(), BuildNet()):
+        probes = [
+            lambda: utils.diagnose_batchnorm(model, x),
+            lambda: utils.recalibrate_batchnorm(model, x, batch_size=8),
+            lambda: utils.batch_statistics(model, x),
+            lambda: utils.moving_statistics(model),
+            lambda: utils.set_moving_statistics(model, {}),
+            lambda: utils.frozen_moving_statistics(model).__enter__(),
+            lambda: utils.recording_batchnorm_inputs(model).__enter__(),
+        ]
+        for probe in probes:
+            with pytest.raises(ValueError, match=first):
+                probe()
+        assert not model.built
+        model(x)  # built: the moving statistics exist, at the start values
+        (row,) = utils.diagnose_batchnorm(model, x)
+        assert row.name == "bn" and row.never_updated
+        np.testing.assert_array_equal(model.bn.moving_mean.numpy(), np.zeros(3))
+
+
+def test_set_moving_statistics_checks_everything_before_writing():
+    inputs = keras.Input((4,))
+    a, b = keras.layers.BatchNormalization(name="a"), keras.layers.BatchNormalization(name="b")
+    model = keras.Model(inputs, b(keras.layers.Dense(3)(a(inputs))))
+    good = (np.ones(4), np.full(4, 2.0))
+    bad_inputs = [
+        {"a": good, "b": (np.zeros(4), np.ones(4))},  # b has 3 channels
+        {"a": good, "b": (np.zeros(3), np.ones((3, 1)))},
+        {"a": good, "b": np.zeros(3)},
+        {"a": good, "b": (np.zeros(3), -np.ones(3))},
+    ]
+    for stats in bad_inputs:
+        with pytest.raises(ValueError, match=r"'b'.*\(3,\)|'b'.*finite"):
+            utils.set_moving_statistics(model, stats)
+        np.testing.assert_array_equal(a.moving_mean.numpy(), np.zeros(4))  # nothing written
+        np.testing.assert_array_equal(a.moving_variance.numpy(), np.ones(4))
+    with pytest.raises(KeyError, match="nope"):
+        utils.set_moving_statistics(model, {"a": good, "nope": good})
+    utils.set_moving_statistics(model, {"a": good, "b": (np.full(3, 5.0), np.full(3, 7.0))})
+    np.testing.assert_array_equal(a.moving_variance.numpy(), np.full(4, 2.0))
+    np.testing.assert_array_equal(b.moving_mean.numpy(), np.full(3, 5.0))
+
+
+def test_time_distributed_batch_mean_averages_each_time_step_call():
+    model = keras.Sequential(
+        [keras.Input((5, 3)), keras.layers.TimeDistributed(
+            keras.layers.BatchNormalization(name="bn"), name="td")]
+    )
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((20, 5, 3)) * np.arange(1.0, 6.0)[:, None] + 4.0).astype(np.float32)
+    result = utils.recalibrate_batchnorm(model, x, batch_size=10, estimator="batch_mean")
+    # one call per time step and batch: 2 batches x 5 steps, each over 10 samples
+    calls = x.astype(np.float64).reshape(2, 10, 5, 3)
+    expected_var = calls.var(axis=1).mean(axis=(0, 1))
+    expected_mean = calls.mean(axis=1).mean(axis=(0, 1))
+    assert result.statistics["td/bn"].count == 20 * 5
+    bn = utils.batchnorm_layers(model)[0]
+    np.testing.assert_allclose(bn.moving_mean.numpy(), expected_mean, rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), expected_var, rtol=1e-4)
+    assert not np.allclose(expected_var, x.astype(np.float64).var((0, 1)), rtol=0.05)
