@@ -1868,7 +1868,7 @@ def plot_gap_heatmap(history: BatchNormHistory, title: str) -> None:
     from matplotlib.colors import LogNorm
 
     gaps = history.gap("var")
-    vmin = max(gaps[gaps > 0].min(initial=1e-3), 1e-3)
+    vmin = max(float(gaps[gaps > 0].min()) if np.any(gaps > 0) else 1e-3, 1e-3)
     fig, ax = plt.subplots(figsize=(6, 5))
     image = ax.imshow(gaps, aspect="auto", cmap="magma", norm=LogNorm(vmin=vmin, vmax=max(gaps.max(), 10 * vmin)),
                       extent=(history.epochs[0] - 0.5, history.epochs[-1] + 0.5, len(gaps) - 0.5, -0.5))
