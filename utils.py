@@ -2101,7 +2101,9 @@ def draw_patterns(
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     images = np.empty((count, size, size), np.float64)
     for i, label in enumerate(labels):
-        period, phase, amplitude = rng.uniform(3, 6), rng.uniform(0, 2 * np.pi), rng.uniform(0.4, 0.9)
+        period = rng.uniform(3, 6)
+        phase = rng.uniform(0, 2 * np.pi)
+        amplitude = rng.uniform(0.4, 0.9)
         if label == 0:
             pattern = np.sin(2 * np.pi * yy / period + phase)
         elif label == 1:
@@ -2124,7 +2126,7 @@ def build_small_cnn(
     seed: int = SEED,
     prefix: str = "",
 ) -> keras.Model:
-    """A small CNN with three BatchNormalization layers, two after convolutions, one after a dense layer.
+    """A small CNN with three BatchNormalization layers (after two convolutions and a dense layer).
 
     ``conv1`` (8 filters 3x3) - ``bn1`` - ReLU - ``conv2`` (16 filters 3x3,
     stride 2) - ``bn2`` - ReLU - global average pooling (``pool``) - ``dense``

@@ -39,7 +39,9 @@ def test_draw_patterns_is_reproducible_with_a_generator_and_with_the_global_seed
 
 def test_draw_patterns_gain_and_offset_map_every_pixel():
     plain, labels = utils.draw_patterns(6, rng=np.random.default_rng(1))
-    shifted, same_labels = utils.draw_patterns(6, gain=2.0, offset=1.0, rng=np.random.default_rng(1))
+    shifted, same_labels = utils.draw_patterns(
+        6, gain=2.0, offset=1.0, rng=np.random.default_rng(1)
+    )
     np.testing.assert_array_equal(labels, same_labels)
     np.testing.assert_allclose(shifted, 2.0 * plain + 1.0, rtol=1e-5, atol=1e-5)
 
@@ -80,7 +82,8 @@ def test_build_small_cnn_same_seed_same_weights():
     b = utils.build_small_cnn(seed=7)
     c = utils.build_small_cnn(seed=8)
     assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
-    assert not np.array_equal(a.get_layer("conv1").kernel.numpy(), c.get_layer("conv1").kernel.numpy())
+    kernel_a, kernel_c = a.get_layer("conv1").kernel.numpy(), c.get_layer("conv1").kernel.numpy()
+    assert not np.array_equal(kernel_a, kernel_c)
 
 
 def test_build_small_cnn_rejects_bad_arguments():
