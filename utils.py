@@ -2180,7 +2180,7 @@ def html_table(header: list[str], rows: list[list], caption: str = ""):
     """A small HTML table (``IPython.display.HTML``) that JupyterLab renders and nbval compares.
 
     Floats are shown with 3 significant digits, other values as ``str``.
-    Introduced in notebook 06.
+    Introduced in notebook 04.
     """
     from html import escape
 
