@@ -36,6 +36,11 @@ _IMPORTED_AT = time.perf_counter()
 #: few epochs more (``StopWhenMemorised``); ``tests/test_seeds.py`` runs eight.
 SEED = 6
 
+#: Most epochs (= updates, one batch of all images each) the series trains the case for: five,
+#: then one more at a time until the weights memorise the images (``StopWhenMemorised``), at most
+#: this many. Every training of the case, and every remedy that retrains, gets this budget.
+MAX_EPOCHS = 20
+
 #: Side length, in pixels, of the square images the network sees (as in the case).
 IMAGE_SIZE = 197
 

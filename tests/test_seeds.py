@@ -13,7 +13,7 @@ import pytest
 import utils
 
 SEEDS = list(range(8))
-MAX_EPOCHS = 20
+MAX_EPOCHS = utils.MAX_EPOCHS
 
 
 @pytest.fixture(scope="module")
