@@ -32,13 +32,16 @@ _IMPORTED_AT = time.perf_counter()
 #: The one seed of the series. Change it here to rerun everything with another.
 #: With this one, five epochs of the case memorise the shipped images and
 #: ``fit`` reports accuracy 1.0 from epoch 2, as in the original case. With some
-#: other seeds Adam's steps on raw 0-255 pixels bounce, and the series trains a
-#: few epochs more (``StopWhenMemorised``); ``tests/test_seeds.py`` runs eight.
+#: other seeds the weights after the fifth update still get an image wrong, even
+#: in training mode, and the series trains a few epochs more
+#: (``StopWhenMemorised``); ``tests/test_seeds.py`` runs eight.
 SEED = 6
 
 #: Most epochs (= updates, one batch of all images each) the series trains the case for: five,
 #: then one more at a time until the weights memorise the images (``StopWhenMemorised``), at most
-#: this many. Every training of the case, and every remedy that retrains, gets this budget.
+#: this many. Every training of the case, and every remedy that retrains, gets this budget. Even
+#: then the start values still weigh 0.99**20 (82 %) in each moving statistic; notebook 02
+#: prints it. Introduced in notebook 02.
 MAX_EPOCHS = 20
 
 #: Side length, in pixels, of the square images the network sees (as in the case).
@@ -391,13 +394,14 @@ def memorised(model: keras.Model, images: np.ndarray, labels: np.ndarray) -> boo
 class StopWhenMemorised(keras.callbacks.Callback):
     """Keras callback: after ``min_epochs``, stop ``fit`` at the first epoch whose weights memorise.
 
-    Pass ``epochs=max_epochs`` to ``fit``. From epoch ``min_epochs`` on, at the end
+    Pass ``epochs=MAX_EPOCHS`` to ``fit``. From epoch ``min_epochs`` on, at the end
     of every epoch it checks :func:`memorised` on ``images`` and ``labels`` and
     stops training once it holds. ``stopped_epoch`` is the number of epochs run
     (so, with every image in one batch, of updates made); ``memorised`` says
     whether the last weights memorise. This is how the series trains the case: five
-    epochs, or a few more when Adam's steps on raw pixels have not settled yet.
-    Introduced in notebook 02.
+    epochs, or a few more when, with some seeds or pictures, the weights after the
+    fifth update still get an image wrong even in training mode. Raises
+    ``ValueError`` if ``min_epochs`` is below 1. Introduced in notebook 02.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, min_epochs: int = 5):
@@ -860,7 +864,7 @@ class LayerGap:
     @property
     def verdict(self) -> str:
         """In words, the first that applies, in this order: ``"ok"`` (not flagged);
-        ``"frozen, off"`` (a frozen layer whose statistics do not describe this data,
+        ``"frozen, stale"`` (a frozen layer whose statistics do not describe this data,
         start values 0 and 1 included: ``fit`` normalized with them too, so this is
         no fit/predict difference); ``"never updated"`` (a layer that trains in
         ``fit`` but kept the start values 0 and 1, which do not describe the data);
@@ -869,7 +873,7 @@ class LayerGap:
         if not self.flagged:
             return "ok"
         if self.frozen:
-            return "frozen, off"
+            return "frozen, stale"
         return "never updated" if self.never_updated else "mismatch"
 
 
@@ -967,7 +971,7 @@ def _gap_cells(r: LayerGap) -> list[str]:
 def _gap_summary(rows: list[LayerGap]) -> str:
     flagged = [r.verdict for r in rows if r.flagged]
     counts = ", ".join(
-        f"{flagged.count(v)} {v}" for v in ("mismatch", "frozen, off", "never updated")
+        f"{flagged.count(v)} {v}" for v in ("mismatch", "frozen, stale", "never updated")
         if v in flagged
     )
     return f"{len(flagged)} of {len(rows)} BatchNormalization layers flagged" + (
@@ -1010,9 +1014,17 @@ def gaps_table_html(rows: list[LayerGap], max_rows: int | None = None) -> str:
     Caption: what the columns measure; last line: the count by verdict. Plain HTML
     (no script, no style sheet), so GitHub renders it and nbval compares it as text.
     Introduced in notebook 03, section 5.
+
+    Raises ``TypeError`` when ``rows`` is not a list of :class:`LayerGap` (a model, say).
     """
     import html
 
+    if not isinstance(rows, (list, tuple)) or not all(isinstance(r, LayerGap) for r in rows):
+        raise TypeError(
+            f"gaps_table_html needs the rows of utils.diagnose_batchnorm(model, x), "
+            f"a list of LayerGap; got {type(rows).__name__}"
+        )
+    rows = list(rows)
     shown = rows if max_rows is None else rows[:max_rows]
     right = {0, 2, 4, 5, 6, 7}
     head = "".join(f"<th>{html.escape(c)}</th>" for c in _GAP_COLUMNS)
@@ -1187,8 +1199,12 @@ class WeightSteps(keras.callbacks.Callback):
 
     ``steps[k]``: mean over every trainable weight value of ``|w after epoch k+1 -
     w before it|`` (same units as the weights). With one batch per epoch that is one
-    optimizer update; Adam's update of a weight is at most about the learning rate
-    (``lr * m_hat / (sqrt(v_hat) + eps)``, Kingma & Ba 2015). Keeps one copy of the
+    optimizer update. Adam's first update of a weight with gradient ``g`` is
+    ``lr * g / (|g| + eps / sqrt(1 - beta_2))``, about ``lr`` whenever ``|g|`` is well
+    above 3e-6 with Keras's defaults (``keras/src/optimizers/adam.py`` adds ``eps`` to
+    ``sqrt(v)`` before the bias correction); later updates stay below about
+    ``lr * (1 - beta_1) / sqrt(1 - beta_2)``, 3.2 ``lr`` for the default betas
+    (Kingma & Ba 2015, section 2.1). Keeps one copy of the
     weights (float32, about 94 MB for ResNet50) while training. Introduced in
     notebook 04.
     """
@@ -1596,8 +1612,12 @@ class RemedyResult:
     ``alone_right``: each image served on its own (a batch of one). ``mode_gap``:
     largest ``|training-mode probability - served probability|``. ``extra``: what the
     remedy costs beyond the baseline's training, in words (updates, passes).
-    ``seconds``: measured seconds of that extra work (varies from run to run).
-    Introduced in notebook 05.
+    ``seconds``: measured seconds of that extra work (varies from run to run), or
+    ``None`` when nothing extra was computed. ``alone_predicted``: the class served
+    for each image on its own. ``same_computation``: the served answers come from
+    the very computation the gap is measured against (training mode itself, or a
+    model without BatchNormalization such as GroupNorm), so a gap of 0 holds by
+    construction and says nothing; tables show it as "n/a". Introduced in notebook 05.
     """
 
     name: str
@@ -1609,7 +1629,9 @@ class RemedyResult:
     alone_right: list[bool]
     mode_gap: float
     extra: str
-    seconds: float
+    seconds: float | None
+    alone_predicted: list[int] | None = None
+    same_computation: bool = False
 
 
 def measure_remedy(
@@ -1619,17 +1641,23 @@ def measure_remedy(
     labels: np.ndarray,
     updates: int,
     extra: str = "",
-    seconds: float = 0.0,
+    seconds: float | None = None,
     training_mode: bool = False,
+    same_computation: bool = False,
 ) -> RemedyResult:
     """Measure how ``model`` answers on ``images``, served in inference mode (as ``predict``).
 
     With ``training_mode=True`` the answers are served by ``model(x, training=True)``
     instead (the "predict in training mode" remedy). Every pass leaves the moving
     statistics as they were. ``memorised`` is read from the training-mode output on
-    all images at once, the reference the gap is measured against. Introduced in
-    notebook 05.
+    all images at once, the reference the gap is measured against. The result's
+    ``same_computation`` is set with ``training_mode=True`` (the reference is what is
+    served) or when the caller passes ``same_computation=True`` for a model whose two
+    modes compute the same thing (e.g. ``build_resnet50(normalization="group")``);
+    ``ValueError`` if such a model's modes differ by more than 1e-5. ``seconds`` is
+    passed through (``None``: nothing measured). Introduced in notebook 05.
     """
+    same = training_mode or same_computation
     with frozen_moving_statistics(model):  # training-mode calls would move the statistics
         served = model(images, training=training_mode)
         alone = [
@@ -1640,6 +1668,11 @@ def measure_remedy(
     loss, acc = loss_and_accuracy(served, labels)
     served = keras.ops.convert_to_numpy(served)
     truth = np.argmax(labels, axis=1)
+    gap = float(np.abs(reference - served).max())
+    if same_computation and gap > 1e-5:
+        raise ValueError(
+            f"same_computation=True, but training and inference mode differ by {gap:.2g}"
+        )
     return RemedyResult(
         name=name,
         updates=int(updates),
@@ -1648,9 +1681,11 @@ def measure_remedy(
         accuracy=acc,
         loss=loss,
         alone_right=[a == t for a, t in zip(alone, truth)],
-        mode_gap=float(np.abs(reference - served).max()),
+        mode_gap=gap,
         extra=str(extra),
-        seconds=float(seconds),
+        seconds=None if seconds is None else float(seconds),
+        alone_predicted=alone,
+        same_computation=bool(same),
     )
 
 
@@ -1665,7 +1700,9 @@ def remedies_table_html(results: list[RemedyResult]) -> str:
 
     One row per remedy; a row whose training did not memorise the images says so in
     bold ("no: training failed"), since its served answers then say nothing about
-    the fit/predict gap. Seconds are left out (they vary from run to run); plain
+    the fit/predict gap. A row with ``same_computation`` shows its gap as "n/a: same
+    computation" (0 by construction, not a success). Seconds are left out (they vary
+    from run to run); plain
     HTML, so GitHub renders it and nbval compares it as text. Introduced in
     notebook 05.
     """
@@ -1679,7 +1716,9 @@ def remedies_table_html(results: list[RemedyResult]) -> str:
         cells = [
             html.escape(r.name), str(r.updates), memorised,
             html.escape(" ".join(str(p) for p in r.predicted)), f"{r.accuracy:.2f}",
-            f"{r.loss:.3g}", alone, f"{r.mode_gap:.2g}", html.escape(r.extra),
+            f"{r.loss:.3g}", alone,
+            "n/a: same computation" if r.same_computation else f"{r.mode_gap:.2g}",
+            html.escape(r.extra),
         ]
         align = ' style="text-align:right"'
         body.append("<tr>" + "".join(
@@ -1690,7 +1729,8 @@ def remedies_table_html(results: list[RemedyResult]) -> str:
         "updates: optimizer updates of the served weights; memorised: those weights right on "
         "every image in training mode; predict: classes served for the batch of all images; "
         "each alone: served one image at a time; train/served gap: largest difference of "
-        "probabilities between training mode and what is served"
+        "probabilities between training mode and what is served (n/a: the served answers are "
+        "training mode's own computation, so the gap is 0 by construction)"
     )
     return (
         '<table style="font-size:smaller">'
@@ -2054,10 +2094,14 @@ def plot_remedies(results: list[RemedyResult], title: str) -> None:
     ax_acc.set(xlabel="accuracy of the served answers", xlim=(0, 1.05))
     ax_acc.set_yticks(y, names, fontsize=8)
     ax_acc.invert_yaxis()
-    ax_gap.barh(y, [max(r.mode_gap, 1e-8) for r in results], color=colors)
+    ax_gap.barh(y, [1e-8 if r.same_computation else max(r.mode_gap, 1e-8) for r in results],
+                color=colors)
     ax_gap.set_xscale("log")
     ax_gap.set(xlabel="training vs served gap (log)", xlim=(1e-8, 2))
     for i, r in enumerate(results):  # zero (or tiny) gaps have no visible bar: say them
+        if r.same_computation:  # 0 by construction: no bar, and say why
+            ax_gap.text(2e-8, i, "n/a: same computation", va="center", fontsize=7)
+            continue
         ax_gap.text(2e-8, i, "0" if r.mode_gap == 0 else f"{r.mode_gap:.0e}", va="center", fontsize=7,
                     color="white" if r.mode_gap > 1e-6 else "black")
     for ax in (ax_acc, ax_gap):
@@ -2092,12 +2136,25 @@ def draw_patterns(
     Classes are balanced and shuffled. Returns ``images`` of shape
     ``(count, size, size, 1)`` (float32, values around 0, no units) and one-hot
     ``labels`` of shape ``(count, 4)``. Without ``rng`` it draws from NumPy's
-    global generator, which ``setup()`` seeds. Introduced in notebook 06.
+    global generator, which ``setup()`` seeds. Raises ``TypeError`` for a ``count``
+    or ``size`` that is not an integer or a ``noise``, ``offset`` or ``gain`` that is
+    not a number, ``ValueError`` for one out of range (each message names the
+    argument). Introduced in notebook 06.
     """
-    if count < 1 or size < 8:
-        raise ValueError(f"count={count} must be at least 1 and size={size} at least 8")
-    if noise < 0 or gain <= 0:
-        raise ValueError(f"noise={noise} must be >= 0 and gain={gain} > 0")
+    for name, value, low in (("count", count, 1), ("size", size, 8)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+        if value < low:
+            raise ValueError(f"{name} must be at least {low}, got {value}")
+    for name, value in (("noise", noise), ("offset", offset), ("gain", gain)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+        if not np.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+    if noise < 0:
+        raise ValueError(f"noise (a standard deviation) must be >= 0, got {noise}")
+    if gain <= 0:
+        raise ValueError(f"gain must be > 0, got {gain}")
     if rng is None:
         rng = np.random.default_rng(np.random.randint(2**31 - 1))
     classes = len(PATTERN_CLASSES)
@@ -2140,10 +2197,21 @@ def build_small_cnn(
     batch x 64 values per channel at ``size=16``), ``bn3`` over the batch only.
     Seeds first, so every call gives the same initial weights; ``prefix`` is
     put before every layer name (two models in one network, notebook 07).
-    Not compiled. Introduced in notebook 06.
+    ``momentum`` follows Keras's convention, ``moving = momentum * moving + (1 - momentum)
+    * batch`` with ``0 <= momentum < 1`` (PyTorch's ``momentum=0.1`` is Keras's 0.9; its
+    ``momentum=None``, a cumulative average, has no Keras counterpart): anything else
+    raises ``ValueError``. Not compiled. Introduced in notebook 06.
     """
     if size < 8 or num_classes < 2:
         raise ValueError(f"size={size} must be at least 8 and num_classes={num_classes} at least 2")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating)) or not (
+        0 <= momentum < 1
+    ):
+        raise ValueError(
+            f"momentum={momentum!r}: Keras's momentum is the weight the moving average keeps, "
+            "0 <= momentum < 1 (default 0.99; PyTorch's momentum=0.1 is Keras's 0.9, and "
+            "PyTorch's momentum=None has no Keras counterpart)"
+        )
     keras.utils.set_random_seed(seed)
     layers = keras.layers
     inputs = keras.Input((size, size, 1), name=f"{prefix}image")
@@ -2170,11 +2238,18 @@ def per_batch_statistics(
     (the last one may be smaller) and returns ``layer name -> list of Moments``,
     one per batch: per-channel mean and biased variance over the batch (and the
     spatial axes of a convolution's output), as ``fit`` computes them. No weight
-    and no moving statistic changes. Introduced in notebook 06.
+    and no moving statistic changes. Raises ``TypeError`` for a ``batch_size`` that
+    is not an integer, ``ValueError`` for no images, ``batch_size < 1`` or a model
+    without BatchNormalization layers. Introduced in notebook 06.
     """
     images = np.asarray(images)
-    if len(images) == 0 or batch_size < 1:
-        raise ValueError(f"need at least one image and batch_size >= 1 (got {batch_size})")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise TypeError(f"batch_size must be an integer, got {batch_size!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if images.ndim == 0 or len(images) == 0:
+        raise ValueError(f"images is empty (shape {images.shape}): need at least one image")
+    _require_batchnorm(model, "record batch statistics of")
     with frozen_moving_statistics(model), recording_batchnorm_inputs(model) as records:
         for start in range(0, len(images), batch_size):
             model(images[start : start + batch_size], training=True)
@@ -2184,18 +2259,30 @@ def per_batch_statistics(
 def html_table(header: list[str], rows: list[list], caption: str = ""):
     """A small HTML table (``IPython.display.HTML``) that JupyterLab renders and nbval compares.
 
-    Floats are shown with 3 significant digits, other values as ``str``.
-    Introduced in notebook 04.
+    ``header``: a list of column names; ``rows``: a list of rows, each a list (or
+    tuple) with one value per column. Floats (Python's and NumPy's) are shown with
+    3 significant digits, other values as ``str``. Raises ``TypeError`` when
+    ``header`` or a row is not a list or tuple, ``ValueError`` when a row has the
+    wrong number of cells. Introduced in notebook 04.
     """
     from html import escape
 
     from IPython.display import HTML
 
-    if any(len(row) != len(header) for row in rows):
-        raise ValueError(f"every row needs {len(header)} cells")
+    if not isinstance(header, (list, tuple)):
+        raise TypeError(f"header must be a list of column names, got {type(header).__name__}")
+    if not isinstance(rows, (list, tuple)):
+        raise TypeError(f"rows must be a list of rows, got {type(rows).__name__}")
+    for index, row in enumerate(rows):
+        if not isinstance(row, (list, tuple)):
+            raise TypeError(
+                f"row {index} must be a list of {len(header)} cells, got {type(row).__name__}"
+            )
+        if len(row) != len(header):
+            raise ValueError(f"row {index} has {len(row)} cells; the header has {len(header)}")
 
     def cell(value, tag):
-        text = f"{value:.3g}" if isinstance(value, float) else str(value)
+        text = f"{value:.3g}" if isinstance(value, (float, np.floating)) else str(value)
         return f"<{tag}>{escape(text)}</{tag}>"
 
     lines = ["<table>"]

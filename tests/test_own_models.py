@@ -398,9 +398,9 @@ def test_frozen_layer_is_left_alone_and_called_frozen():
 
     rows = {r.name: r for r in utils.diagnose_batchnorm(model, x)}
     assert rows["pretrained"].frozen and rows["pretrained"].in_fit == "frozen"
-    assert rows["pretrained"].verdict == "frozen, off"
+    assert rows["pretrained"].verdict == "frozen, stale"
     assert rows["head_bn"].in_fit == "trains" and rows["head_bn"].verdict == "never updated"
-    assert "frozen, off" in utils.format_gaps(list(rows.values()))
+    assert "frozen, stale" in utils.format_gaps(list(rows.values()))
 
     result = utils.recalibrate_batchnorm(model, x)
     assert int(result) == 1 and result.skipped == ["pretrained"]
@@ -582,7 +582,7 @@ def test_call_passing_training_false_is_frozen_in_fit_and_left_alone():
     rows = {r.name: r for r in utils.diagnose_batchnorm(model, x)}
     base_row = rows["base/bn_base"]
     assert base_row.frozen and base_row.in_fit == "frozen" and base_row.never_updated
-    assert base_row.flagged and base_row.verdict == "frozen, off"  # frozen comes first
+    assert base_row.flagged and base_row.verdict == "frozen, stale"  # frozen comes first
     assert rows["bn_head"].in_fit == "trains" and not rows["bn_head"].frozen
 
     for include_frozen in (False, True):
@@ -624,7 +624,7 @@ def test_functional_training_false_is_overridden_and_trains_in_fit():
 def test_frozen_takes_precedence_over_never_updated_in_the_verdict():
     row = utils.LayerGap(0, "bn", 4, 4.0, 1.0, 0.8, 0.25, 0.9, 0.2, True,
                          frozen=True, never_updated=True)
-    assert row.verdict == "frozen, off" and row.in_fit == "frozen"
+    assert row.verdict == "frozen, stale" and row.in_fit == "frozen"
     row.frozen = False
     assert row.verdict == "never updated"
     row.never_updated = False

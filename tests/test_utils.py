@@ -572,11 +572,17 @@ def test_gaps_table_html():
     ]
     table = utils.gaps_table_html(rows)
     assert table.startswith("<table") and table.count("<tr>") == 1 + 3
-    assert "<b>mismatch</b>" in table and "<b>frozen, off</b>" in table
+    assert "<b>mismatch</b>" in table and "<b>frozen, stale</b>" in table
     assert ">frozen<" in table and ">trains<" in table and "OFF" not in table
-    assert "2 of 3 BatchNormalization layers flagged: 1 mismatch, 1 frozen, off" in table
+    assert "2 of 3 BatchNormalization layers flagged: 1 mismatch, 1 frozen, stale" in table
     short = utils.gaps_table_html(rows, max_rows=1)
     assert "block/bn" not in short and "... 2 more layers" in short
+
+
+def test_gaps_table_html_rejects_a_model_and_names_what_to_pass():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization()])
+    with pytest.raises(TypeError, match=r"rows of utils.diagnose_batchnorm\(model, x\)"):
+        utils.gaps_table_html(model)
 
 
 def test_recalibration_counts_layers_and_keeps_details(tiny, data):
@@ -1200,6 +1206,24 @@ def test_measure_remedy_inference_mode_leaves_statistics(tiny, data):
     # inference mode answers each sample alone exactly as in the batch
     truth = np.argmax(y, axis=1)
     assert result.alone_right == [p == t for p, t in zip(np.argmax(served, axis=1), truth)]
+    assert result.alone_predicted == np.argmax(served, axis=1).tolist()
+    assert result.same_computation is False
+    assert utils.measure_remedy("unmeasured", model, x, y, 7).seconds is None
+
+
+def test_measure_remedy_same_computation(tiny, data):
+    model, _ = tiny
+    x, y = data
+    # A model without BatchNormalization computes the same thing in both modes.
+    inputs = keras.Input(x.shape[1:])
+    plain = keras.Model(inputs, keras.layers.Dense(y.shape[1], activation="softmax")(
+        keras.layers.Flatten()(inputs)))
+    result = utils.measure_remedy("plain", plain, x, y, 1, same_computation=True)
+    assert result.same_computation and result.mode_gap < 1e-6
+    assert "n/a: same computation" in utils.remedies_table_html([result])
+    # Claiming it for a BatchNormalization model whose modes differ is an error that says so.
+    with pytest.raises(ValueError, match="differ by"):
+        utils.measure_remedy("bn", model, x, y, 1, same_computation=True)
 
 
 def test_measure_remedy_training_mode_serves_training_outputs(tiny, data):
@@ -1208,7 +1232,7 @@ def test_measure_remedy_training_mode_serves_training_outputs(tiny, data):
     before = utils.moving_statistics(model)
     result = utils.measure_remedy("train", model, x, y, 1, training_mode=True)
     np.testing.assert_array_equal(utils.moving_statistics(model)["bn"][1], before["bn"][1])
-    assert result.mode_gap == 0.0
+    assert result.mode_gap == 0.0 and result.same_computation
     with utils.frozen_moving_statistics(model):
         served = keras.ops.convert_to_numpy(model(x, training=True))
     assert result.predicted == np.argmax(served, axis=1).tolist()

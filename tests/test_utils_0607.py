@@ -55,11 +55,22 @@ def test_draw_patterns_without_noise_draws_the_class_pattern():
         assert columns_constant == (label == 1)
 
 
-@pytest.mark.parametrize("kwargs", [{"count": 0}, {"count": 4, "size": 4},
-                                    {"count": 4, "noise": -1.0}, {"count": 4, "gain": 0.0}])
-def test_draw_patterns_rejects_bad_arguments(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs, error, named", [
+    ({"count": 0}, ValueError, "count"), ({"count": -3}, ValueError, "count"),
+    ({"count": 4, "size": 4}, ValueError, "size"), ({"count": 4, "noise": -1.0}, ValueError, "noise"),
+    ({"count": 4, "gain": 0.0}, ValueError, "gain"), ({"count": 4, "gain": -1.0}, ValueError, "gain"),
+    ({"count": 4, "noise": float("nan")}, ValueError, "noise"),
+    ({"count": 4, "offset": float("inf")}, ValueError, "offset"),
+    ({"count": 2.5}, TypeError, "count"), ({"count": "8"}, TypeError, "count"),
+    ({"count": 4, "gain": "2"}, TypeError, "gain"),
+])
+def test_draw_patterns_rejects_bad_arguments_naming_only_the_bad_one(kwargs, error, named):
+    with pytest.raises(error) as caught:
         utils.draw_patterns(**kwargs)
+    message = str(caught.value)
+    assert message.startswith(named)
+    others = {"count", "size", "noise", "offset", "gain"} - {named}
+    assert not any(other in message for other in others), message
 
 
 # ---------------------------------------------------------------------------
@@ -91,6 +102,12 @@ def test_build_small_cnn_rejects_bad_arguments():
         utils.build_small_cnn(size=4)
     with pytest.raises(ValueError):
         utils.build_small_cnn(num_classes=1)
+
+
+@pytest.mark.parametrize("momentum", [1.0, 1.5, -0.1, None, "0.9"])
+def test_build_small_cnn_rejects_a_momentum_outside_keras_convention(momentum):
+    with pytest.raises(ValueError, match="0 <= momentum < 1"):
+        utils.build_small_cnn(momentum=momentum)
 
 
 # ---------------------------------------------------------------------------
@@ -126,10 +143,17 @@ def test_per_batch_statistics_of_one_sample_after_a_dense_layer_have_zero_varian
 
 def test_per_batch_statistics_rejects_bad_arguments():
     model = utils.build_small_cnn(size=8)
-    with pytest.raises(ValueError):
+    two = np.zeros((2, 8, 8, 1), np.float32)
+    with pytest.raises(ValueError, match="images is empty"):
         utils.per_batch_statistics(model, np.zeros((0, 8, 8, 1), np.float32), 4)
-    with pytest.raises(ValueError):
-        utils.per_batch_statistics(model, np.zeros((2, 8, 8, 1), np.float32), 0)
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        utils.per_batch_statistics(model, two, 0)
+    for bad in (2.5, "4", None):
+        with pytest.raises(TypeError, match="batch_size must be an integer"):
+            utils.per_batch_statistics(model, two, bad)
+    plain = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten()])
+    with pytest.raises(ValueError, match="no BatchNormalization layer"):
+        utils.per_batch_statistics(plain, two, 1)
 
 
 # ---------------------------------------------------------------------------
@@ -146,6 +170,18 @@ def test_html_table_formats_and_escapes():
     assert html.unescape(text).count("a<b") == 1
 
 
+def test_html_table_formats_numpy_floats_like_python_floats():
+    text = utils.html_table(["a", "b"], [[np.float32(0.123456), np.float64(2.0 / 3)]]).data
+    assert "<td>0.123</td>" in text and "<td>0.667</td>" in text
+
+
 def test_html_table_rejects_rows_of_the_wrong_length():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="row 0 has 1 cells; the header has 2"):
         utils.html_table(["a", "b"], [[1]])
+
+
+def test_html_table_rejects_a_string_header_and_rows_that_are_not_lists():
+    with pytest.raises(TypeError, match="header must be a list"):
+        utils.html_table("ab", [[1, 2]])
+    with pytest.raises(TypeError, match="row 0 must be a list of 1 cells, got int"):
+        utils.html_table(["a"], [1, 2])
