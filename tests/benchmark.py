@@ -324,10 +324,67 @@ def machine() -> dict:
         "cores": os.cpu_count(),
         "memory_gb": memory_gb,
         "python": platform.python_version(),
-        "tensorflow": version("tensorflow"),
+        "tensorflow": version("tensorflow-cpu") if version("tensorflow") == "not installed" else version("tensorflow"),
         "keras": version("keras"),
         "platform": platform.platform(),
     }
+
+
+def recalibration_cost(samples: int = 256, batch_size: int = 32, size: int = 64) -> dict:
+    """Seconds of recalibrate_batchnorm against the same training-mode passes, eager and traced.
+
+    On keras.applications.ResNet50(weights=None) at size x size x 3, in one process; each figure
+    is the best of two runs after a warm-up (the traced one excludes its tracing, given apart).
+    """
+    import time
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import utils
+
+    keras.utils.set_random_seed(0)
+    model = keras.applications.ResNet50(weights=None, input_shape=(size, size, 3), classes=10)
+    x = np.random.default_rng(0).normal(size=(samples, size, size, 3)).astype("float32")
+    batches = [x[i:i + batch_size] for i in range(0, samples, batch_size)]
+    model(batches[0], training=False)
+
+    def eager():
+        with utils.frozen_moving_statistics(model):
+            for batch in batches:
+                model(batch, training=True)
+
+    traced = tf.function(lambda batch: model(batch, training=True), reduce_retracing=True)
+
+    def compiled():
+        with utils.frozen_moving_statistics(model):
+            for batch in batches:
+                traced(batch)
+
+    def recalibrate():
+        with utils.frozen_moving_statistics(model):
+            utils.recalibrate_batchnorm(model, x, batch_size=batch_size,
+                                        include_never_updated=True)
+
+    def best(run):
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    start = time.perf_counter()
+    compiled()
+    tracing = time.perf_counter() - start
+    eager()
+    recalibrate()
+    result = {"eager": best(eager), "compiled": best(compiled), "first_compiled": tracing,
+              "recalibrate": best(recalibrate), "samples": samples, "batch_size": batch_size}
+    result["vs_eager"] = result["recalibrate"] / result["eager"]
+    result["vs_compiled"] = result["recalibrate"] / result["compiled"]
+    return result
 
 
 def machine_line(m: dict) -> str:
@@ -472,6 +529,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--name", default="benchmark", metavar="NAME",
                         help="write output/NAME.md and output/NAME.json (default: benchmark); "
                         "e.g. --name benchmark-1cpu under taskset -c 0")
+    parser.add_argument("--recalibration", action="store_true",
+                        help="only measure recalibrate_batchnorm against eager and traced passes")
     parser.add_argument("--no-plain", action="store_true",
                         help="skip the plain script")
     return parser.parse_args(argv)
@@ -479,6 +538,14 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
+    if args.recalibration:
+        import json as json_module
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        cost = recalibration_cost()
+        print(json_module.dumps(cost, indent=1))
+        return 0
     paths = select_notebooks(args.only)
     every = select_notebooks(None)
     complete = len(paths) == len(every)

@@ -10,7 +10,14 @@ import utils
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+REPOSITORY = "batchnorm-series/fit-vs-predict"  # the series' GitHub repository, owner/name
 BINDER_LINK = re.compile(r"https://mybinder\.org/v2/gh/[^)\s\"]+")
+
+
+def binder_url(path=""):
+    """The mybinder.org link that opens ``path`` in JupyterLab (the whole series without one)."""
+    base = f"https://mybinder.org/v2/gh/{REPOSITORY}/HEAD"
+    return f"{base}?urlpath=lab/tree/{path}" if path else f"{base}?urlpath=lab"
 
 
 def cells(path):
@@ -35,7 +42,7 @@ def test_top_title_badge_cost_and_reading(path):
     top = markdown(path)[0]
     assert top.startswith(f"# {path.name[:2]} · "), "the first cell starts with the numbered title"
     links = BINDER_LINK.findall(top)
-    assert links == [utils.binder_url(f"notebooks/{path.name}")], "the badge opens this very notebook"
+    assert links == [binder_url(f"notebooks/{path.name}")], "the badge opens this very notebook"
     assert re.search(r"\*\*Needs:\*\* about \d+ s and \d+\.\d GB .* 2-core CPU", top), "time and memory"
     assert "**Read first:**" in top
     # the sentence on what you will see happen comes right after the title
@@ -64,18 +71,18 @@ def test_summary_exercises_and_neighbour_links(path):
 
 
 def test_every_binder_link_uses_the_one_repository_definition():
-    prefix = f"https://mybinder.org/v2/gh/{utils.REPOSITORY}/HEAD"
+    prefix = f"https://mybinder.org/v2/gh/{REPOSITORY}/HEAD"
     texts = {"README.md": (ROOT / "README.md").read_text(encoding="utf-8")}
     texts.update({p.name: "\n".join(markdown(p)) for p in NOTEBOOKS})
     for name, text in texts.items():
         for link in BINDER_LINK.findall(text):
-            assert link.startswith(prefix), f"{name}: {link} does not use utils.REPOSITORY"
-    assert utils.binder_url() in texts["README.md"], "README has the badge that opens the series"
+            assert link.startswith(prefix), f"{name}: {link} does not use REPOSITORY"
+    assert binder_url() in texts["README.md"], "README has the badge that opens the series"
 
 
 def test_binder_url():
-    assert utils.binder_url() == f"https://mybinder.org/v2/gh/{utils.REPOSITORY}/HEAD?urlpath=lab"
-    assert utils.binder_url("notebooks/x.ipynb").endswith("?urlpath=lab/tree/notebooks/x.ipynb")
+    assert binder_url() == f"https://mybinder.org/v2/gh/{REPOSITORY}/HEAD?urlpath=lab"
+    assert binder_url("notebooks/x.ipynb").endswith("?urlpath=lab/tree/notebooks/x.ipynb")
 
 
 def test_readme_test_command_is_what_ci_runs():

@@ -23,7 +23,7 @@ import utils
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-INTRODUCED = re.compile(r"Introduced in notebook (\d\d)(?:, section (\d+))?")
+INTRODUCED = re.compile(r"Notebook (\d\d)(?:, section (\d+))?")
 USED = re.compile(r"\butils\.([A-Za-z_]\w*)")
 FENCED = re.compile(r"```.*?```", re.S)
 INLINE = re.compile(r"`([^`\n]+)`")
@@ -147,7 +147,7 @@ def test_every_name_a_notebook_uses_exists_in_utils():
 def test_every_public_helper_says_which_notebook_introduces_it(name):
     doc = inspect.getdoc(_public_helpers()[name]) or ""
     match = INTRODUCED.search(" ".join(doc.split()))
-    assert match, f"utils.{name}: the docstring lacks 'Introduced in notebook NN'"
+    assert match, f"utils.{name}: the docstring lacks 'Notebook NN'"
     number, section = match.groups()
     paths = {_number(p): p for p in NOTEBOOKS}
     if number not in paths and number > max(paths):
@@ -179,3 +179,40 @@ def test_the_rules_see_what_they_should():
         "moving_statistics",
         "SEED",
     ]
+
+
+#: Helpers whose core a lesson writes out first (as d2l's ``#@save``): the notebook that
+#: introduces each shows this code in the open, and utils.py runs the same code.
+CORES = {
+    "load_image": ("01", r"Image\.Resampling\.LANCZOS"),
+    "replay_moving_statistics": ("05", r"mean = momentum \* mean \+ \(1 - momentum\) \* \w+\.mean"),
+    "recalibrate_batchnorm": ("05", r"\.moving_variance\.assign\("),
+    "set_moving_statistics": ("05", r"\.moving_mean\.assign\("),
+}
+
+#: The toolkit for a learner's own model (README, "Your own model"): public even where a single
+#: notebook uses it.
+TOOLKIT = {"diagnose_batchnorm", "gaps_table_html", "LayerGap", "recalibrate_batchnorm",
+           "Recalibration", "PreciseBN", "named_batchnorm_layers", "batchnorm_layers",
+           "moving_statistics", "set_moving_statistics", "frozen_moving_statistics",
+           "recording_batchnorm_inputs", "batch_statistics", "Moments", "log_variance_ratio"}
+
+
+@pytest.mark.parametrize("name", sorted(CORES))
+def test_a_helper_introduced_in_a_lesson_has_its_core_written_out_there(name):
+    number, core = CORES[name]
+    assert re.search(core, inspect.getsource(utils)), f"utils.py no longer runs {core!r}"
+    doc = " ".join((inspect.getdoc(getattr(utils, name)) or "").split())
+    assert f"Notebook {number}" in doc, f"utils.{name} says it is introduced elsewhere"
+    path = next(p for p in NOTEBOOKS if _number(p) == number)
+    lines = [line for cell in _cells(path) if cell["cell_type"] == "code"
+             for line in "".join(cell["source"]).splitlines() if "utils." not in line]
+    assert any(re.search(core, line) for line in lines), (
+        f"notebook {number} introduces utils.{name} but does not write out its core {core!r}")
+
+
+def test_no_public_helper_serves_a_single_notebook_unless_it_is_the_toolkit():
+    users = {name: {_number(p) for p in NOTEBOOKS if name in _used_names(p)}
+             for name in _public_helpers()}
+    lonely = sorted(n for n, used in users.items() if len(used) == 1 and n not in TOOLKIT)
+    assert not lonely, f"used by one notebook only, so they belong in it: {lonely}"

@@ -35,7 +35,9 @@ def test_phenomenon_and_recalibration_hold(seed, data):
     predicted = model.predict(images, verbose=0).argmax(axis=1)
     assert len(set(predicted.tolist())) == 1, f"seed {seed}: predict gave {predicted.tolist()}"
 
-    utils.recalibrate_batchnorm(model, images)
+    result = utils.recalibrate_batchnorm(model, images)
+    # fit updated every layer, so none is left alone as never updated (or for any reason)
+    assert result == len(utils.batchnorm_layers(model)) == 53 and result.skipped == []
     with utils.frozen_moving_statistics(model):
         training = model(images, training=True).numpy()
     served = model.predict(images, verbose=0)

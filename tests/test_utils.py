@@ -3,25 +3,24 @@
 Run with ``python -m pytest tests/test_utils.py -q`` from the repository root.
 The network tests use a tiny model whose first layer is BatchNormalization, so
 what that layer receives is the data itself and every statistic can be computed
-with numpy. The ResNet50 builder is exercised once per variant at 32 x 32.
+with numpy. The ResNet50 builder is exercised twice at 32 x 32 (reproducibility).
+The helpers that moved out of ``utils`` into the notebooks (plots, tables of remedies,
+``BatchNormHistory``, the ResNet50 variants of notebook 05) are tested there, by nbval.
 """
 
 import hashlib
+import inspect
 import io
 import re
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pytest
+from IPython.display import HTML
+from PIL import Image
 
-matplotlib.use("Agg")  # also set in conftest.py; repeated so this file stands alone
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
-
-import utils  # noqa: E402
-from utils import keras, tf  # noqa: E402  (imported by utils with start-up noise silenced)
+import utils
+from utils import keras, tf
 
 # ---------------------------------------------------------------------------
 # Helpers and fixtures
@@ -76,12 +75,6 @@ def _np_moments(x):
     return x64.mean(axis=(0, 1, 2)), x64.var(axis=(0, 1, 2))
 
 
-@pytest.fixture(autouse=True)
-def _close_figures():
-    yield
-    plt.close("all")
-
-
 def _determinism_enabled():
     check = getattr(tf.config.experimental, "is_op_determinism_enabled", None)
     if check is None:  # not exported by every TensorFlow release
@@ -105,47 +98,17 @@ def _set_determinism(enabled):
 # ---------------------------------------------------------------------------
 
 
-def test_version_tuple_keeps_leading_numbers():
-    assert utils._version_tuple("2.21.0rc1") == (2, 21, 0)
-    assert utils._version_tuple("3.14") == (3, 14)
-    assert utils._version_tuple("10.0.0.dev0") == (10, 0, 0)
-    assert utils._version_tuple("2.9.1") < utils._version_tuple("2.16")
-
-
-def test_check_versions_passes_for_installed_packages():
+def _installed():
     import PIL
 
-    found = utils.check_versions()
-    assert found == {
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "pillow": PIL.__version__,
-    }
+    return {"tensorflow": tf.__version__, "keras": keras.__version__, "pillow": PIL.__version__}
 
 
-def test_check_versions_names_the_old_package_and_the_fix():
-    installed = {"tensorflow": "2.10.0", "keras": "3.15.1", "pillow": "13.0.0"}
-    with pytest.raises(RuntimeError) as info:
-        utils.check_versions(installed=installed)
-    message = str(info.value)
-    assert "tensorflow 2.10.0" in message
-    assert "pip install -r requirements.txt" in message
-    assert "keras 3.15.1" not in message  # only the too-old package is listed
-    assert "pillow" not in message
-
-
-def test_check_versions_lists_every_old_package():
-    installed = {"tensorflow": "2.15.1", "keras": "3.13.9", "pillow": "9.5.0"}
-    with pytest.raises(RuntimeError) as info:
-        utils.check_versions(installed=installed)
-    message = str(info.value)
-    for fragment in ("tensorflow 2.15.1", "keras 3.13.9", "pillow 9.5.0"):
-        assert fragment in message
-
-
-def test_check_versions_accepts_the_minimum_versions():
-    minimum = {name: version for name, (version, _) in utils.MIN_VERSIONS.items()}
-    assert utils.check_versions(installed=minimum) == minimum
+def test_version_keeps_leading_numbers():
+    assert utils._version("2.21.0rc1") == (2, 21, 0)
+    assert utils._version("3.14") == (3, 14)
+    assert utils._version("10.0.0.dev0") == (10, 0, 0)
+    assert utils._version("2.9.1") < utils._version("2.16")
 
 
 @pytest.fixture
@@ -153,6 +116,59 @@ def determinism_restored():
     before = _determinism_enabled()
     yield
     _set_determinism(before)
+
+
+def _minimum(**versions):
+    """A ``MIN_VERSIONS`` table: the installed versions, except those given (with a reason)."""
+    table = {name: (found, "reason") for name, found in _installed().items()}
+    table.update({name: (low, f"{name} needs {low} for the test")
+                  for name, low in versions.items()})
+    return table
+
+
+def test_setup_passes_for_installed_packages(capsys, determinism_restored):
+    for name, (low, _) in utils.MIN_VERSIONS.items():  # the real table
+        assert utils._version(_installed()[name]) >= utils._version(low), name
+    utils.setup(threads=None)
+    assert "TensorFlow " + tf.__version__ in capsys.readouterr().out
+
+
+def test_setup_names_the_old_package_and_the_fix(monkeypatch, determinism_restored):
+    monkeypatch.setattr(utils, "MIN_VERSIONS", _minimum(tensorflow="999.0"))
+    with pytest.raises(RuntimeError) as info:
+        utils.setup(threads=None)
+    message = str(info.value)
+    assert f"tensorflow {tf.__version__}" in message and "999.0" in message
+    assert "tensorflow needs 999.0 for the test" in message  # the reason is given
+    assert "pip install -r requirements.txt" in message
+    assert "keras" not in message  # only the too-old package is listed
+    assert "pillow" not in message
+
+
+def test_setup_lists_every_old_package(monkeypatch, determinism_restored):
+    monkeypatch.setattr(utils, "MIN_VERSIONS",
+                        _minimum(tensorflow="999.0", keras="999.1", pillow="999.2"))
+    with pytest.raises(RuntimeError) as info:
+        utils.setup(threads=None)
+    message = str(info.value)
+    for name, found in _installed().items():
+        assert f"{name} {found} is older than" in message
+
+
+def test_setup_checks_versions_before_seeding(monkeypatch, determinism_restored):
+    np.random.seed(123)
+    expected = np.random.rand()
+    np.random.seed(123)
+    monkeypatch.setattr(utils, "MIN_VERSIONS", _minimum(keras="999.0"))
+    with pytest.raises(RuntimeError, match="keras"):
+        utils.setup(7, threads=None)
+    assert np.random.rand() == expected  # not re-seeded by the failed setup
+
+
+def test_setup_accepts_the_minimum_versions(monkeypatch, capsys, determinism_restored):
+    monkeypatch.setattr(utils, "MIN_VERSIONS", _minimum())  # exactly the installed versions
+    utils.setup(threads=None)
+    assert "seed" in capsys.readouterr().out
 
 
 def test_setup_seeds_and_enables_determinism(capsys, determinism_restored):
@@ -202,7 +218,7 @@ def test_load_images_shape_dtype_and_range(tmp_path):
     assert names == ["edge.png", "gray.png"]
 
 
-def test_image_files_skips_hidden_entries_and_folders(tmp_path):
+def test_load_images_skips_hidden_entries_and_folders(tmp_path):
     _save_gray(tmp_path / "b.png", 1)
     _save_gray(tmp_path / "a.png", 2)
     (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1 not an image")
@@ -212,20 +228,20 @@ def test_image_files_skips_hidden_entries_and_folders(tmp_path):
     (tmp_path / "subfolder").mkdir()
     _save_gray(tmp_path / "subfolder" / "c.png", 4)
 
-    files = utils.image_files(tmp_path)
-    assert [f.name for f in files] == ["a.png", "b.png"]
-    # The hidden junk is not read, so loading succeeds with the two images only.
+    # The hidden junk and the folders are not read (the private listing ``utils._image_files``
+    # skips them), so loading succeeds with the two images only, in sorted order.
     images, labels, names = utils.load_images(tmp_path, size=8)
     assert names == ["a.png", "b.png"]
     assert images.shape == (2, 8, 8, 1)
+    np.testing.assert_array_equal(labels, np.eye(2))
 
 
-def test_image_files_missing_folder_and_file_path(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        utils.image_files(tmp_path / "nowhere")
+def test_load_images_missing_folder_and_file_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        utils.load_images(tmp_path / "nowhere")
     a_file = _save_gray(tmp_path / "a.png", 0)
     with pytest.raises(ValueError, match="is a file, not a folder"):
-        utils.image_files(a_file)
+        utils.load_images(a_file)
 
 
 def test_load_images_missing_folder(tmp_path):
@@ -353,24 +369,16 @@ def _conv_kernels(model):
 
 @pytest.fixture(scope="module")
 def resnet_facts():
-    """Build each ResNet50 variant once at 32 x 32 and keep small facts about it."""
+    """Build the ResNet50 twice at 32 x 32 and keep small facts about it."""
     facts = {}
     probe = np.zeros((1, 32, 32, 1), dtype=np.float32)
 
     def summarize(model):
         bns = utils.batchnorm_layers(model)
-        groups = [
-            layer
-            for layer in model.layers
-            if isinstance(layer, keras.layers.GroupNormalization)
-        ]
         return {
             "n_bn": len(bns),
             "momenta": {layer.momentum for layer in bns},
             "renorm": {bool(getattr(layer, "renorm", False)) for layer in bns},
-            "clipping": [dict(getattr(layer, "renorm_clipping", None) or {}) for layer in bns],
-            "n_group": len(groups),
-            "group_sizes": {layer.groups for layer in groups},
             "input_shape": tuple(model.input_shape),
             "output_shape": tuple(model.output_shape),
             "weights": _digest(model.get_weights()),
@@ -382,10 +390,6 @@ def resnet_facts():
     for key, kwargs in (
         ("batch", {"momentum": 0.9}),
         ("batch_again", {"momentum": 0.9}),
-        ("group", {"normalization": "group"}),
-        ("renorm", {"normalization": "renorm", "momentum": 0.8}),
-        ("renorm_clipped", {"normalization": "renorm",
-                            "renorm_clipping": {"rmax": 1.0, "rmin": 1.0, "dmax": 0.0}}),
     ):
         keras.backend.clear_session()
         model = utils.build_resnet50(3, size=32, **kwargs)
@@ -400,6 +404,7 @@ def test_build_resnet50_batch(resnet_facts):
     assert facts["n_bn"] == 53
     assert facts["momenta"] == {0.9}
     assert facts["renorm"] == {False}
+    assert facts["n_convs"] == 53
     assert facts["input_shape"] == (None, 32, 32, 1)
     assert facts["output_shape"] == (None, 3)
     np.testing.assert_allclose(facts["probe"].sum(), 1.0, rtol=1e-5)
@@ -407,39 +412,16 @@ def test_build_resnet50_batch(resnet_facts):
 
 def test_build_resnet50_is_reproducible(resnet_facts):
     assert resnet_facts["batch"]["weights"] == resnet_facts["batch_again"]["weights"]
+    assert resnet_facts["batch"]["convs"] == resnet_facts["batch_again"]["convs"]
     np.testing.assert_array_equal(
         resnet_facts["batch"]["probe"], resnet_facts["batch_again"]["probe"]
     )
 
 
-def test_build_resnet50_group(resnet_facts):
-    facts = resnet_facts["group"]
-    assert facts["n_bn"] == 0
-    assert facts["n_group"] == 53
-    assert facts["group_sizes"] == {32}
-    assert facts["n_convs"] == resnet_facts["batch"]["n_convs"] == 53
-    assert facts["convs"] == resnet_facts["batch"]["convs"]
-    assert facts["output_shape"] == (None, 3)
-    np.testing.assert_allclose(facts["probe"].sum(), 1.0, rtol=1e-5)
-
-
-def test_build_resnet50_renorm(resnet_facts):
-    facts = resnet_facts["renorm"]
-    assert facts["n_bn"] == 53
-    assert facts["renorm"] == {True}
-    assert facts["momenta"] == {0.8}
-    assert facts["convs"] == resnet_facts["batch"]["convs"]
-    assert facts["output_shape"] == (None, 3)
-    assert facts["clipping"] == [{}] * 53  # Keras then clips nothing
-    clipped = resnet_facts["renorm_clipped"]
-    assert clipped["clipping"] == [{"rmax": 1.0, "rmin": 1.0, "dmax": 0.0}] * 53
-    with pytest.raises(ValueError, match="renorm_clipping needs"):
-        utils.build_resnet50(3, size=32, renorm_clipping={"rmax": 3.0})
-
-
-def test_build_resnet50_rejects_unknown_normalization():
-    with pytest.raises(ValueError, match="layer"):
-        utils.build_resnet50(3, size=32, normalization="layer")
+def test_build_resnet50_has_no_normalization_variants():
+    # GroupNormalization and renorm moved to notebook 05, which builds them in the open.
+    parameters = inspect.signature(utils.build_resnet50).parameters
+    assert list(parameters) == ["num_classes", "size", "momentum", "seed"]
 
 
 def test_compile_model(tiny):
@@ -564,19 +546,59 @@ def test_log_variance_ratio_hand_computed():
     )
 
 
+def _gap(index, name, flagged, **fields):
+    """A ``LayerGap`` built by hand; the numbers are arbitrary but distinct."""
+    values = dict(channels=8, batch_var=9.0, moving_var=1.0, shift=0.5, log_var_gap=2.197,
+                  noise_shift=0.04, noise_log_var=0.06, samples=40, batches=2)
+    values.update(fields)
+    return utils.LayerGap(index=index, name=name, flagged=flagged, **values)
+
+
+def test_layer_gap_verdict_and_in_fit():
+    assert _gap(0, "a", False).verdict == "ok"
+    assert _gap(0, "a", True).verdict == "mismatch"
+    assert _gap(0, "a", True, never_updated=True).verdict == "never updated"
+    # Frozen comes first: fit normalized with the stale statistics too.
+    assert _gap(0, "a", True, frozen=True, never_updated=True).verdict == "frozen, stale"
+    assert _gap(0, "a", False, frozen=True).verdict == "ok"
+    assert _gap(0, "a", True, frozen=True, finite=False).verdict == "not finite"
+    assert _gap(0, "a", True, frozen=True).in_fit == "frozen"
+    assert _gap(0, "a", True).in_fit == "trains"
+
+
 def test_gaps_table_html():
     rows = [
-        utils.LayerGap(0, "conv1_bn", 64, 9.0, 1.0, 0.1111, 1.6667, 0.2, 0.1, True),
-        utils.LayerGap(1, "block/bn", 8, 2.0, 2.1, 0.01, 1.05, 0.05, 1.1, False, frozen=True),
-        utils.LayerGap(2, "pre_bn", 8, 4.0, 0.5, 0.5, 0.125, 0.9, 0.1, True, frozen=True),
+        _gap(0, "conv1_bn", True, channels=64, shift=0.1111, log_var_gap=0.5108),
+        _gap(1, "block/bn", False, batch_var=2.0, moving_var=2.1, frozen=True),
+        _gap(2, "pre_bn", True, frozen=True),
     ]
     table = utils.gaps_table_html(rows)
-    assert table.startswith("<table") and table.count("<tr>") == 1 + 3
-    assert "<b>mismatch</b>" in table and "<b>frozen, stale</b>" in table
-    assert ">frozen<" in table and ">trains<" in table and "OFF" not in table
-    assert "2 of 3 BatchNormalization layers flagged: 1 mismatch, 1 frozen, stale" in table
-    short = utils.gaps_table_html(rows, max_rows=1)
-    assert "block/bn" not in short and "... 2 more layers" in short
+    assert isinstance(table, HTML)  # an utils.html_table, shown by Jupyter
+    text = table.data
+    assert text.startswith("<table") and text.count("<tr>") == 1 + 3
+    assert "<b>mismatch</b>" in text and "<b>frozen, stale</b>" in text
+    assert "<td>ok</td>" in text  # not flagged: not bold
+    assert ">frozen<" in text and ">trains<" in text and "OFF" not in text
+    assert "<td>conv1_bn</td>" in text and "<td>0.111</td>" in text and "<td>0.511</td>" in text
+    assert "2 of 3 BatchNormalization layers flagged: 1 mismatch, 1 frozen, stale" in text
+    assert "(40 samples in 2 batches)" in text
+    for column in ("layer", "in fit", "|log ratio|", "noise", "shift", "verdict"):
+        assert f"<th>{column}</th>" in text
+    short = utils.gaps_table_html(rows, max_rows=1).data
+    assert "block/bn" not in short and "<td>...</td><td>2 more layers</td>" in short
+    assert short.count("<tr>") == 1 + 1 + 1
+    assert "2 of 3 BatchNormalization layers flagged" in short  # the caption counts all rows
+    assert "0 of 0 BatchNormalization layers flagged (no data)" in utils.gaps_table_html([]).data
+
+
+def test_gaps_table_html_on_diagnose_rows(tiny, data):
+    model, _ = tiny
+    x, _ = data
+    text = utils.gaps_table_html(utils.diagnose_batchnorm(model, x)).data
+    assert text.count("<tr>") == 2 and "<td>bn</td>" in text
+    assert "<b>never updated</b>" in text
+    assert "1 of 1 BatchNormalization layers flagged: 1 never updated" in text
+    assert "(10 samples in 1 batches)" in text
 
 
 def test_gaps_table_html_rejects_a_model_and_names_what_to_pass():
@@ -588,13 +610,18 @@ def test_gaps_table_html_rejects_a_model_and_names_what_to_pass():
 def test_recalibration_counts_layers_and_keeps_details(tiny, data):
     model, bn = tiny
     x, _ = data
-    result = utils.recalibrate_batchnorm(model, x, batch_size=4)
+    # The tiny model was never trained, so its moving statistics are still 0 and 1, which
+    # recalibrate_batchnorm leaves alone by default; here they stand for any stale statistics.
+    result = utils.recalibrate_batchnorm(model, x, batch_size=4, include_never_updated=True)
     assert isinstance(result, utils.Recalibration) and isinstance(result, int)
     assert result == 1 and f"{result}" == "1" and str(result) == "1"
     assert (result.samples, result.batches, result.estimator) == (10, 3, "population")
-    assert result.skipped == [] and result.statistics["bn"].count == 10 * 4 * 4
+    assert result.skipped == [] and result.reasons == {}
+    assert result.statistics["bn"].count == 10 * 4 * 4
     np.testing.assert_allclose(result.statistics["bn"].var, _np_moments(x)[1], rtol=1e-5)
     assert "1 layers updated from 10 samples in 3 batches" in repr(result)
+    assert "estimator='population', 0 skipped" in repr(result)
+    assert isinstance(result.seconds, float) and 0 < result.seconds < 60
 
 
 def test_moments_merged_equals_moments_of_concatenation():
@@ -715,33 +742,39 @@ def test_diagnose_flags_fresh_layer_and_recalibration_fixes_it(tiny, data):
     mean, var = _np_moments(x)
     eps = float(bn.epsilon)
 
-    rows = utils.diagnose_batchnorm(model, x)
+    rows = utils.diagnose_batchnorm(model, x)  # 10 samples: one batch of the default 32
     assert len(rows) == 1
     row = rows[0]
     assert (row.index, row.name, row.channels) == (0, "bn", 2)
-    assert row.flagged
+    assert (row.samples, row.batches) == (10, 1)
+    assert row.flagged and row.never_updated and row.finite and not row.frozen
+    assert row.verdict == "never updated" and row.in_fit == "trains"
     assert row.batch_var == pytest.approx(np.median(var), rel=1e-5)
     assert row.moving_var == pytest.approx(1.0)
     assert row.shift == pytest.approx(np.median(np.abs(mean) / np.sqrt(var + eps)), rel=1e-5)
-    assert row.var_ratio == pytest.approx(np.median((1 + eps) / (var + eps)), rel=1e-5)
+    assert row.log_var_gap == pytest.approx(
+        np.median(np.abs(np.log((1 + eps) / (var + eps)))), rel=1e-5)
+    assert row.shift > 2 * row.noise_shift and row.log_var_gap > 2 * row.noise_log_var
     np.testing.assert_array_equal(bn.moving_mean.numpy(), [0.0, 0.0])  # untouched
 
     # 10 samples in batches of 3, 3, 3 and 1: the pooled moments are the population's.
-    assert utils.recalibrate_batchnorm(model, x, batch_size=3) == 1
+    # include_never_updated: the untrained layer's 0 and 1 stand for stale statistics here.
+    assert utils.recalibrate_batchnorm(model, x, batch_size=3, include_never_updated=True) == 1
     np.testing.assert_allclose(bn.moving_mean.numpy(), mean, rtol=1e-4)
     np.testing.assert_allclose(bn.moving_variance.numpy(), var, rtol=1e-4)
 
     row = utils.diagnose_batchnorm(model, x)[0]
-    assert not row.flagged
+    assert not row.flagged and not row.never_updated and row.verdict == "ok"
     assert row.shift == pytest.approx(0.0, abs=1e-4)
-    assert row.var_ratio == pytest.approx(1.0, rel=1e-4)
+    assert row.log_var_gap == pytest.approx(0.0, abs=1e-4)
 
 
 def test_recalibrate_in_one_batch_makes_predict_match_training_mode(tiny, data):
     model, bn = tiny
     x, _ = data
     gamma_before = bn.gamma.numpy().copy()
-    utils.recalibrate_batchnorm(model, x, batch_size=32)
+    # Untrained model: its start statistics 0 and 1 stand for stale ones, so include them.
+    utils.recalibrate_batchnorm(model, x, batch_size=32, include_never_updated=True)
     np.testing.assert_array_equal(bn.gamma.numpy(), gamma_before)  # no weight trained
     train = keras.ops.convert_to_numpy(model(x, training=True))
     infer = keras.ops.convert_to_numpy(model(x, training=False))
@@ -749,12 +782,120 @@ def test_recalibrate_in_one_batch_makes_predict_match_training_mode(tiny, data):
 
 
 def test_recalibrate_rejects_bad_arguments(tiny, data):
-    model, _ = tiny
+    model, bn = tiny
     x, _ = data
-    with pytest.raises(ValueError):
-        utils.recalibrate_batchnorm(model, x[:0])
-    with pytest.raises(ValueError):
-        utils.recalibrate_batchnorm(model, x, batch_size=0)
+    # include_never_updated: the untrained layer must not be the reason for the errors.
+    with pytest.raises(ValueError, match="no batch"):
+        utils.recalibrate_batchnorm(model, x[:0], include_never_updated=True)
+    with pytest.raises(ValueError, match="batch_size=0 must be at least 1"):
+        utils.recalibrate_batchnorm(model, x, batch_size=0, include_never_updated=True)
+    with pytest.raises(ValueError, match="estimator"):
+        utils.recalibrate_batchnorm(model, x, estimator="ema", include_never_updated=True)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), [0.0, 0.0])
+
+
+def test_recalibrate_skips_never_updated_layers(tiny, data):
+    model, bn = tiny
+    x, y = data
+    with pytest.raises(ValueError, match="no BatchNormalization layer to recalibrate") as info:
+        utils.recalibrate_batchnorm(model, x)
+    assert "'bn': never updated" in str(info.value)
+    assert "include_never_updated=True" in str(info.value)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), [0.0, 0.0])
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), [1.0, 1.0])
+
+    # One training step moves the statistics off 0 and 1: then no flag is needed.
+    utils.compile_model(model)
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    assert not np.allclose(bn.moving_mean.numpy(), 0.0)
+    result = utils.recalibrate_batchnorm(model, x)
+    assert result == 1 and result.skipped == []
+    np.testing.assert_allclose(bn.moving_mean.numpy(), _np_moments(x)[0], rtol=1e-4)
+
+
+def _two_batchnorm_model():
+    """Input (4, 4, 2) -> BatchNormalization "trained" -> BatchNormalization "fresh" -> Dense."""
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 4, 2))
+    x = keras.layers.BatchNormalization(name="trained")(inputs)
+    x = keras.layers.BatchNormalization(name="fresh")(x)
+    outputs = keras.layers.Dense(2)(keras.layers.Flatten()(x))
+    return keras.Model(inputs, outputs)
+
+
+def test_recalibrate_updates_only_layers_that_were_updated_unless_asked(data):
+    x, _ = data
+    model = _two_batchnorm_model()
+    trained, fresh = model.get_layer("trained"), model.get_layer("fresh")
+    trained.moving_mean.assign([0.5, 0.5])  # as if fit had moved it
+    result = utils.recalibrate_batchnorm(model, x)
+    assert result == 1 and result.skipped == ["fresh"] and list(result.statistics) == ["trained"]
+    assert result.reasons["fresh"].startswith("never updated")
+    assert "skipped" in repr(result) and "1 skipped" in repr(result)
+    np.testing.assert_allclose(trained.moving_mean.numpy(), _np_moments(x)[0], rtol=1e-4)
+    np.testing.assert_array_equal(fresh.moving_mean.numpy(), [0.0, 0.0])
+    np.testing.assert_array_equal(fresh.moving_variance.numpy(), [1.0, 1.0])
+
+    both = utils.recalibrate_batchnorm(model, x, include_never_updated=True)
+    assert both == 2 and both.skipped == []
+    assert not np.allclose(fresh.moving_variance.numpy(), 1.0)
+
+
+def test_recalibrate_runs_other_layers_in_inference_mode(data):
+    x, _ = data
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 4, 2))
+    dropout = keras.layers.Dropout(0.5, name="dropout")
+    noisy = keras.layers.GaussianNoise(1.0, name="noise")(dropout(inputs))
+    bn = keras.layers.BatchNormalization(name="bn")
+    model = keras.Model(inputs, bn(noisy))
+    bn.moving_mean.assign([1.0, 1.0])  # as if trained, so it is not skipped
+
+    # In training mode, dropout and noise change what the layer receives ...
+    seen, _ = utils.batch_statistics(model, x, training=True)
+    assert not np.allclose(seen["bn"].var, _np_moments(x)[1], rtol=0.05)
+    # ... but recalibration measures the data as predict will see it: both are switched off.
+    result = utils.recalibrate_batchnorm(model, x)
+    mean, var = _np_moments(x)
+    np.testing.assert_allclose(result.statistics["bn"].mean, mean, rtol=1e-5)
+    np.testing.assert_allclose(result.statistics["bn"].var, var, rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), var, rtol=1e-4)
+    # Their own call is back afterwards: training mode drops and adds noise again.
+    assert "call" not in vars(dropout) and "call" not in vars(model.get_layer("noise"))
+    assert "call" not in vars(bn)
+    seen, _ = utils.batch_statistics(model, x, training=True)
+    assert not np.allclose(seen["bn"].var, var, rtol=0.05)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_recalibrate_and_diagnose_name_the_batch_and_layer_of_non_finite_values(tiny, data, bad):
+    model, bn = tiny
+    x, _ = data
+    x = x.copy()
+    x[5, 1, 2, 0] = bad  # sample 5: the second batch of 4
+    for call in (utils.recalibrate_batchnorm, utils.diagnose_batchnorm):
+        with pytest.raises(ValueError, match=r"batch 2\b.*layer 'bn'") as info:
+            kwargs = {"include_never_updated": True} if call is utils.recalibrate_batchnorm else {}
+            call(model, x, batch_size=4, **kwargs)
+        assert "NaN" in str(info.value) and call.__name__ in str(info.value)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), [0.0, 0.0])  # nothing changed
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), [1.0, 1.0])
+
+
+def test_recalibrate_refuses_batches_of_one_value_per_channel(data):
+    x, _ = data
+    keras.backend.clear_session()
+    inputs = keras.Input((3,))
+    bn = keras.layers.BatchNormalization(name="flat_bn")
+    model = keras.Model(inputs, bn(inputs))
+    flat = x.reshape(10, -1)[:, :3]
+    # 10 samples in batches of 3, 3, 3 and 1: the last normalizes one value per channel.
+    with pytest.raises(ValueError, match=r"batch 4\b.*layer 'flat_bn'.*one value"):
+        utils.recalibrate_batchnorm(model, flat, batch_size=3, include_never_updated=True)
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), [1.0, 1.0, 1.0])
+    assert utils.recalibrate_batchnorm(model, flat, batch_size=5, include_never_updated=True) == 1
 
 
 def test_diagnose_thresholds(tiny, data):
@@ -765,137 +906,78 @@ def test_diagnose_thresholds(tiny, data):
 
     bn.moving_mean.assign((mean + 0.3 * std).astype(np.float32))  # 0.3 std off
     bn.moving_variance.assign(var.astype(np.float32))
-    assert utils.diagnose_batchnorm(model, x)[0].flagged
+    row = utils.diagnose_batchnorm(model, x)[0]
+    assert row.flagged and row.verdict == "mismatch"
+    assert row.shift == pytest.approx(0.3, rel=1e-4)
+    assert row.log_var_gap == pytest.approx(0, abs=1e-5)
+    assert 2 * row.noise_shift < 0.3  # beyond the noise of one batch of 10 too
     assert not utils.diagnose_batchnorm(model, x, shift_tol=0.5)[0].flagged
 
     bn.moving_mean.assign(mean.astype(np.float32))
     bn.moving_variance.assign((2.0 * var).astype(np.float32))  # ratio 2
     row = utils.diagnose_batchnorm(model, x)[0]
-    assert row.flagged and row.var_ratio == pytest.approx(2.0, rel=1e-4)
-    assert row.worst_ratio == pytest.approx(2.0, rel=1e-4)
+    assert row.flagged and row.log_var_gap == pytest.approx(np.log(2.0), rel=1e-4)
+    assert row.moving_var == pytest.approx(2 * row.batch_var, rel=1e-5)
+    assert 2 * row.noise_log_var < np.log(2.0)
     assert not utils.diagnose_batchnorm(model, x, ratio_tol=2.5)[0].flagged
 
-    with pytest.raises(ValueError):
-        utils.diagnose_batchnorm(model, x, ratio_tol=0.5)
+    for bad in ({"ratio_tol": 0.5}, {"shift_tol": -0.1}, {"noise": -1.0}):
+        with pytest.raises(ValueError, match="must be"):
+            utils.diagnose_batchnorm(model, x, **bad)
 
 
-def test_format_gaps_table():
-    rows = [
-        utils.LayerGap(0, "conv1_bn", 64, 9.0, 1.0, 0.1111, 1.6667, 0.2, 0.1, True),
-        utils.LayerGap(1, "conv2_bn", 256, 2.0, 2.1, 0.01, 1.05, 0.05, 1.1, False),
-        utils.LayerGap(2, "conv3_bn", 256, 4.0, 0.5, 0.5, 0.125, 0.9, 0.1, True),
-    ]
-    lines = utils.format_gaps(rows).splitlines()
-    assert len(lines) == 2 + 3 + 1
-    assert "layer" in lines[0] and set(lines[1]) == {"-"}
-    assert "conv1_bn" in lines[2] and lines[2].rstrip().endswith("mismatch")
-    # |log ratio| column: |log 1.6667| = 0.511 (no log_var_gap given: taken from var_ratio).
-    assert "0.111" in lines[2] and "0.511" in lines[2] and " trains " in lines[2]
-    assert "conv2_bn" in lines[3] and lines[3].rstrip().endswith("ok")
-    assert "OFF" not in "\n".join(lines)
-    assert lines[-1] == "2 of 3 BatchNormalization layers flagged: 2 mismatch"
+def test_diagnose_flags_only_gaps_beyond_the_noise_of_one_batch(tiny, data):
+    model, bn = tiny
+    x, _ = data
+    mean, var = _np_moments(x)
+    bn.moving_mean.assign(mean.astype(np.float32))
+    bn.moving_variance.assign((2.0 * var).astype(np.float32))  # ratio 2: beyond ratio_tol 1.5
+    # Batches of 4, 4 and 2 scatter far more than one batch of 10: within the noise.
+    row = utils.diagnose_batchnorm(model, x, batch_size=4)[0]
+    assert (row.samples, row.batches) == (10, 3)
+    assert np.log(1.5) < row.log_var_gap < 2 * row.noise_log_var
+    assert not row.flagged and row.verdict == "ok"
+    assert utils.diagnose_batchnorm(model, x, batch_size=4, noise=0)[0].flagged  # fixed only
+    # The reference is what the moving average estimates: the mean of the batches' moments.
+    batch_vars = [_np_moments(x[s:s + 4])[1] for s in (0, 4, 8)]
+    assert row.batch_var == pytest.approx(np.median(np.mean(batch_vars, axis=0)), rel=1e-5)
+    # The noise decides only above the fixed tolerance: a huge noise factor flags nothing,
+    # and a gap under the fixed tolerance is never flagged, however small the noise.
+    assert not utils.diagnose_batchnorm(model, x, noise=100)[0].flagged
+    bn.moving_variance.assign((1.2 * var).astype(np.float32))
+    assert not utils.diagnose_batchnorm(model, x, noise=0)[0].flagged
+    # The rule itself, on every row computed here.
+    for kwargs in ({}, {"batch_size": 4}, {"batch_size": 3}, {"noise": 0.5}):
+        r = utils.diagnose_batchnorm(model, x, **kwargs)[0]
+        noise = kwargs.get("noise", 2.0)
+        assert r.flagged == bool(r.shift > max(0.2, noise * r.noise_shift)
+                                 or r.log_var_gap > max(np.log(1.5), noise * r.noise_log_var))
 
-    short = utils.format_gaps(rows, max_rows=1).splitlines()
-    assert len(short) == 2 + 1 + 1 + 1
-    assert "conv2_bn" not in "\n".join(short)
-    assert short[-2] == "... 2 more layers"
-    assert short[-1] == "2 of 3 BatchNormalization layers flagged: 2 mismatch"
+
+def test_diagnose_noise_is_the_scatter_of_one_batch(tiny, data):
+    """The noise of one batch of 10, against the true scatter of many such batches' moments."""
+    model, bn = tiny
+    x, _ = data  # 10 samples of 4 x 4 values, independent N(5, 9) per channel
+    row = utils.diagnose_batchnorm(model, x)[0]
+    rng = np.random.default_rng(0)
+    draws = 5.0 + 3.0 * rng.standard_normal((4000, 10 * 4 * 4))
+    true_shift = draws.mean(axis=1).std() / 3.0  # in standard deviations
+    true_log_var = np.log(draws.var(axis=1)).std()
+    # At least the true scatter (the reference is an estimate too), not far beyond it.
+    assert 1.0 <= row.noise_shift / true_shift <= 3.0
+    assert 1.0 <= row.noise_log_var / true_log_var <= 3.0
 
 
-def test_format_gaps_on_diagnose_rows(tiny, data):
+def test_diagnose_batch_size_default_and_minimum_samples(tiny, data):
     model, _ = tiny
     x, _ = data
-    table = utils.format_gaps(utils.diagnose_batchnorm(model, x))
-    lines = table.splitlines()
-    assert len(lines) == 4
-    assert re.match(r"\s*0 bn\s", lines[2]) and lines[2].endswith("never updated")
-    assert lines[-1] == "1 of 1 BatchNormalization layers flagged: 1 never updated"
-
-
-def test_batchnorm_history_follows_the_moving_average_law(tiny, data):
-    model, bn = tiny
-    x, y = data
-    m = 0.5
-    bn.momentum = m
-    utils.compile_model(model)
-    history = utils.BatchNormHistory(x, y)
-    model.fit(x, y, epochs=3, batch_size=16, shuffle=False, verbose=0, callbacks=[history])
-
-    mean, var = _np_moments(x)
-    assert history.epochs == [0, 1, 2, 3]
-    assert history.layer_names == ["bn"]
-    assert len(history.moving["bn"]) == 4 and len(history.batch["bn"]) == 4
-    for n, ((moving_mean, moving_var), seen) in enumerate(
-        zip(history.moving["bn"], history.batch["bn"])
-    ):
-        # One update per epoch (one batch); BN's input is the data, never changing.
-        np.testing.assert_allclose(moving_mean, (1 - m**n) * mean, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(moving_var, m**n * 1.0 + (1 - m**n) * var, rtol=1e-5)
-        np.testing.assert_allclose(seen.mean, mean, rtol=1e-5)
-        np.testing.assert_allclose(seen.var, var, rtol=1e-5)
-
-    for values in (history.train_loss, history.infer_loss, history.train_acc, history.infer_acc):
-        assert len(values) == 4
-    # The last record describes the model as fit left it.
-    infer_out = model(x, training=False)
-    with utils.frozen_moving_statistics(model):
-        train_out = model(x, training=True)
-    train_loss, train_acc = utils.loss_and_accuracy(train_out, y)
-    infer_loss, infer_acc = utils.loss_and_accuracy(infer_out, y)
-    assert history.train_loss[-1] == pytest.approx(train_loss, rel=1e-5)
-    assert history.infer_loss[-1] == pytest.approx(infer_loss, rel=1e-5)
-    assert history.train_acc[-1] == train_acc
-    assert history.infer_acc[-1] == infer_acc
-    # Fresh moving statistics (0, 1) against data of mean 5: predict is off at epoch 0.
-    assert history.infer_loss[0] != pytest.approx(history.train_loss[0], rel=1e-3)
-
-    gap_var = history.gap()
-    gap_mean = history.gap("mean")
-    assert gap_var.shape == gap_mean.shape == (1, 4)
-    eps = bn.epsilon
-    assert history.epsilon == {"bn": eps}
-    std = np.sqrt(var + eps)
-    # Symmetric: |log((1 + eps) / (var + eps))|, however the variances compare.
-    assert gap_var[0, 0] == pytest.approx(
-        np.median(np.abs(np.log((1 + eps) / (var + eps)))), rel=1e-5
-    )
-    assert gap_mean[0, 0] == pytest.approx(np.median(mean / std), rel=1e-5)
-    # The mean's gap halves with every update of momentum 0.5.
-    np.testing.assert_allclose(gap_mean[0], gap_mean[0, 0] * m ** np.arange(4), rtol=1e-4)
-    with pytest.raises(ValueError):
-        history.gap("bad")
-    with pytest.raises(ValueError, match="not replayed"):
-        history.gap("var", momentum=0.9)
-
-
-def test_batchnorm_history_replays_other_momenta(tiny, data):
-    model, bn = tiny
-    x, y = data
-    bn.momentum = 0.5
-    utils.compile_model(model)
-    history = utils.BatchNormHistory(x, y, momenta=(0.5, 0.9))
-    model.fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[history])
-    mean, var = _np_moments(x)
-    assert list(history.replayed) == [0.5, 0.9]
-    for m in (0.5, 0.9):
-        assert len(history.replayed[m]) == len(history.replayed_acc[m]) == 4
-        for n, stats in enumerate(history.replayed[m]):
-            np.testing.assert_allclose(stats["bn"][0], (1 - m**n) * mean, rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(stats["bn"][1], m**n + (1 - m**n) * var, rtol=1e-5)
-    # The momentum the model trained with is replayed exactly as Keras moved it.
-    for (mean_k, var_k), stats in zip(history.moving["bn"], history.replayed[0.5]):
-        np.testing.assert_allclose(stats["bn"][1], var_k, rtol=1e-5)
-    np.testing.assert_allclose(history.gap("var", momentum=0.5), history.gap("var"), rtol=1e-4)
-    np.testing.assert_allclose(history.replayed_loss[0.5], history.infer_loss, rtol=1e-4)
-    # Replayed statistics are evaluated in inference mode; the model keeps its own.
-    with utils.frozen_moving_statistics(model):
-        utils.set_moving_statistics(model, history.replayed[0.9][-1])
-        loss, acc = utils.loss_and_accuracy(model(x, training=False), y)
-    assert history.replayed_loss[0.9][-1] == pytest.approx(loss, rel=1e-5)
-    assert history.replayed_acc[0.9][-1] == acc
-    np.testing.assert_allclose(bn.moving_variance.numpy(), history.moving["bn"][-1][1], rtol=1e-6)
-    with pytest.raises(ValueError, match="momentum"):
-        utils.BatchNormHistory(x, y, momenta=(1.0,))
+    many = np.concatenate([x] * 4)  # 40 samples: 32 + 8 with the default batch_size
+    row = utils.diagnose_batchnorm(model, many)[0]
+    assert (row.samples, row.batches) == (40, 2)
+    assert utils.diagnose_batchnorm(model, many, max_samples=12)[0].samples == 12
+    assert utils.diagnose_batchnorm(model, x[:2])[0].samples == 2
+    with pytest.raises(ValueError, match=r"2\+? samples"):
+        utils.diagnose_batchnorm(model, x[:1])
 
 
 def test_weight_steps_measures_each_update(tiny, data):
@@ -982,187 +1064,59 @@ def test_set_moving_statistics(tiny):
 
 
 # ---------------------------------------------------------------------------
-# Plots and resources
+# Resources, PreciseBN, html_table's bold cells
 # ---------------------------------------------------------------------------
-
-_NON_INTERACTIVE = "ignore:.*non-interactive.*:UserWarning"
-
-
-@pytest.mark.filterwarnings(_NON_INTERACTIVE)
-def test_show_images():
-    images = np.stack([np.full((6, 6, 1), v, dtype=np.float32) for v in (0, 128, 255)])
-    names = ["a.png", "b.png", "c.png"]
-    utils.show_images(images, names, np.eye(3, dtype=np.float32))
-    figure = plt.gcf()
-    assert len(figure.axes) == 3
-    assert [ax.get_title() for ax in figure.axes] == [
-        "a.png\nclass 0",
-        "b.png\nclass 1",
-        "c.png\nclass 2",
-    ]
-    plt.close("all")
-    utils.show_images(images[:2], names[:2])
-    assert [ax.get_title() for ax in plt.gcf().axes] == ["a.png", "b.png"]
-
-
-@pytest.mark.filterwarnings(_NON_INTERACTIVE)
-def test_plot_history():
-    history = {"loss": [2.0, 1.0, 0.1], "accuracy": [0.0, 0.5, 1.0]}
-    utils.plot_history(history, "three epochs")
-    figure = plt.gcf()
-    ax_loss, ax_acc = figure.axes
-    assert ax_loss.get_yscale() == "log"
-    np.testing.assert_array_equal(ax_loss.lines[0].get_ydata(), history["loss"])
-    np.testing.assert_array_equal(ax_acc.lines[0].get_ydata(), history["accuracy"])
-    assert figure.get_suptitle() == "three epochs"
-
-
-@pytest.mark.filterwarnings(_NON_INTERACTIVE)
-def test_plot_probabilities():
-    probabilities = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.3, 0.3, 0.4]])
-    utils.plot_probabilities(probabilities, ["a.png", "b.png", "c.png"], "predict")
-    ax = plt.gcf().axes[0]
-    heights = sorted(patch.get_height() for patch in ax.patches)
-    assert heights == sorted(probabilities.ravel().tolist())
-    assert ax.get_title() == "predict"
-
-
-def _fitted_history(momentum, epochs=2, seed=42, momenta=()):
-    """A BatchNormHistory of the tiny model fit on 10 samples (one batch per epoch)."""
-    keras.backend.clear_session()
-    rng = np.random.default_rng(seed)
-    x = (5.0 + 3.0 * rng.standard_normal((10, 4, 4, 2))).astype(np.float32)
-    y = np.eye(2, dtype=np.float32)[np.arange(10) % 2]
-    model = _tiny_model()
-    model.get_layer("bn").momentum = momentum
-    utils.compile_model(model)
-    history = utils.BatchNormHistory(x, y, momenta=momenta)
-    model.fit(x, y, epochs=epochs, batch_size=16, shuffle=False, verbose=0, callbacks=[history])
-    return history
-
-
-@pytest.fixture(scope="module")
-def two_histories():
-    return {0.5: _fitted_history(0.5, momenta=(0.9, 0.1)), 0.9: _fitted_history(0.9)}
-
-
-def _gap_rows():
-    return [
-        utils.LayerGap(0, "conv1_bn", 64, 9.0, 1.0, 0.5, 0.11, 0.9, 0.1, True),
-        utils.LayerGap(1, "conv2_bn", 256, 2.0, 2.1, 0.01, 1.05, 0.05, 1.1, False),
-        utils.LayerGap(2, "conv3_bn", 256, 4.0, 0.5, 2.0, 0.125, 3.0, 0.1, True),
-    ]
-
-
-@pytest.mark.filterwarnings(_NON_INTERACTIVE)
-def test_plot_layer_gaps():
-    rows = _gap_rows()
-    utils.plot_layer_gaps(rows, "diagnosis")
-    figure = plt.gcf()
-    ax_var, ax_shift = figure.axes
-    assert ax_var.get_yscale() == "linear" and ax_shift.get_yscale() == "log"
-    # Top: the signed log variance ratio (median moving / batch), symmetric around 0.
-    np.testing.assert_allclose(ax_var.lines[0].get_ydata(), np.log([0.11, 1.05, 0.125]))
-    np.testing.assert_array_equal(ax_shift.lines[0].get_ydata(), [0.5, 0.01, 2.0])
-    # The flagged layers (0 and 2) are marked in both panels.
-    np.testing.assert_array_equal(ax_var.lines[1].get_xdata(), [0, 2])
-    np.testing.assert_array_equal(ax_shift.lines[1].get_xdata(), [0, 2])
-    # The diagnostic's default tolerances: a band of +-log(1.5) and a shift line at 0.2.
-    band = ax_var.patches[0]
-    np.testing.assert_allclose([band.get_y(), band.get_y() + band.get_height()],
-                               [-np.log(1.5), np.log(1.5)])
-    np.testing.assert_allclose(ax_shift.lines[2].get_ydata(), [0.2, 0.2])
-    assert figure.get_suptitle() == "diagnosis"
-
-
-@pytest.mark.filterwarnings(_NON_INTERACTIVE)
-def test_plot_activation_scale():
-    train_rms = np.array([1.0, 1.2, 0.9])
-    infer_rms = np.array([5.0, 50.0, 500.0])
-    utils.plot_activation_scale(train_rms, infer_rms, "scale")
-    (ax,) = plt.gcf().axes
-    assert ax.get_yscale() == "log" and ax.get_title() == "scale"
-    np.testing.assert_array_equal(ax.lines[0].get_ydata(), train_rms)
-    np.testing.assert_array_equal(ax.lines[1].get_ydata(), infer_rms)
-
-
-@pytest.mark.filterwarnings(_NON_INTERACTIVE)
-def test_plot_moving_vs_batch(two_histories):
-    history = two_histories[0.5]
-    utils.plot_moving_vs_batch(history, ["bn"], "one layer")
-    figure = plt.gcf()
-    ax_mean, ax_var = figure.axes
-    assert ax_mean.get_title() == "bn" and ax_mean.get_yscale() == "linear"
-    # The variance axis is logarithmic exactly when its label says so.
-    assert (ax_var.get_yscale() == "log") == ax_var.get_ylabel().endswith("(log)")
-    batch_mean = [np.median(m.mean) for m in history.batch["bn"]]
-    moving_var = [np.median(v) for _, v in history.moving["bn"]]
-    np.testing.assert_array_equal(ax_mean.lines[0].get_xdata(), history.epochs)
-    np.testing.assert_allclose(ax_mean.lines[0].get_ydata(), batch_mean)
-    np.testing.assert_allclose(ax_var.lines[1].get_ydata(), moving_var)
-    assert figure.get_suptitle() == "one layer"
-
-
-@pytest.mark.filterwarnings(_NON_INTERACTIVE)
-def test_plot_gap_heatmap(two_histories):
-    history = two_histories[0.5]
-    utils.plot_gap_heatmap(history, "heatmap")
-    figure = plt.gcf()
-    ax = figure.axes[0]
-    assert len(figure.axes) == 2  # the heatmap and its colour bar
-    np.testing.assert_allclose(ax.images[0].get_array(), history.gap("var"))
-    assert ax.get_title() == "heatmap"
-    figure.canvas.draw()  # the log colour scale must be valid
-
-
-@pytest.mark.filterwarnings(_NON_INTERACTIVE)
-def test_plot_mode_losses(two_histories):
-    history = two_histories[0.9]
-    utils.plot_mode_losses(history, "losses")
-    (ax,) = plt.gcf().axes
-    assert ax.get_yscale() == "log"
-    np.testing.assert_allclose(ax.lines[0].get_ydata(), history.train_loss)
-    np.testing.assert_allclose(ax.lines[1].get_ydata(), history.infer_loss)
-
-
-@pytest.mark.filterwarnings(_NON_INTERACTIVE)
-def test_plot_moving_average_law():
-    updates = np.array([1, 2, 4, 8])
-    measured = 1 - 0.5**updates
-    utils.plot_moving_average_law(updates, measured, 0.5, "law")
-    (ax,) = plt.gcf().axes
-    law, points = ax.lines
-    np.testing.assert_allclose(law.get_ydata(), 1 - 0.5 ** law.get_xdata())
-    assert law.get_xdata().max() == 8
-    np.testing.assert_array_equal(points.get_xdata(), updates)
-    np.testing.assert_array_equal(points.get_ydata(), measured)
-
-
-@pytest.mark.filterwarnings(_NON_INTERACTIVE)
-def test_plot_gap_by_momentum(two_histories):
-    history = two_histories[0.5]
-    utils.plot_gap_by_momentum(history, 0.5, "momenta")
-    figure = plt.gcf()
-    ax_gap, ax_acc = figure.axes
-    assert len(ax_gap.lines) == len(ax_acc.lines) == 3
-    expected = [history.gap("var"), history.gap("var", 0.9), history.gap("var", 0.1)]
-    for line, gaps in zip(ax_gap.lines, expected):
-        np.testing.assert_allclose(line.get_ydata(), gaps.max(axis=0))
-    for line, accs in zip(
-        ax_acc.lines, [history.infer_acc, history.replayed_acc[0.9], history.replayed_acc[0.1]]
-    ):
-        np.testing.assert_allclose(line.get_ydata(), accs)
-    assert [t.get_text() for t in ax_gap.get_legend().get_texts()] == [
-        "momentum 0.5",
-        "momentum 0.9",
-        "momentum 0.1",
-    ]
 
 
 def test_resources():
     text = utils.resources()
     assert "s;" in text and "MB" in text
     assert re.fullmatch(r"this notebook took \d+ s; peak memory \d+ MB", text)
+
+
+def test_html_table_shows_bold_cells_in_bold_and_escaped():
+    cell = utils._Bold("x<y")
+    assert isinstance(cell, str) and cell == "x<y"
+    text = utils.html_table(["a", "b"], [[cell, "plain"], [utils._Bold("1 & 2"), 0.5]]).data
+    assert "<td><b>x&lt;y</b></td>" in text and "<td>plain</td>" in text
+    assert "<td><b>1 &amp; 2</b></td>" in text and "<td>0.5</td>" in text
+    assert text.count("<b>") == 2
+
+
+def test_precise_bn_recalibrates_every_epoch(tiny, data):
+    model, bn = tiny
+    x, y = data
+    utils.compile_model(model)
+    precise = utils.PreciseBN(x, batch_size=10)
+    model.fit(x, y, epochs=2, batch_size=4, verbose=0, callbacks=[precise])
+    assert len(precise.results) == 2
+    assert all(isinstance(r, utils.Recalibration) and r == 1 for r in precise.results)
+    assert all((r.samples, r.batches) == (10, 1) and r.seconds >= 0 for r in precise.results)
+    # The layer receives the data itself: after fit, its statistics are the data's, not
+    # momentum 0.99's average of six updates, which would still be close to 0 and 1.
+    mean, var = _np_moments(x)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), mean, rtol=1e-4)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), var, rtol=1e-4)
+
+    small = utils.PreciseBN(x, max_samples=4, batch_size=2)
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0, callbacks=[small])
+    assert (small.results[0].samples, small.results[0].batches) == (4, 2)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), _np_moments(x[:4])[0], rtol=1e-4)
+
+
+def test_precise_bn_recalibrates_before_validation_and_only_inside_fit(tiny, data):
+    model, bn = tiny
+    x, y = data
+    utils.compile_model(model)
+    precise = utils.PreciseBN(x, batch_size=10)
+    history = model.fit(x, y, epochs=2, batch_size=4, validation_data=(x, y), verbose=0,
+                        callbacks=[precise])
+    assert len(precise.results) == 2  # once per epoch: before validation, not again at its end
+    np.testing.assert_allclose(bn.moving_mean.numpy(), _np_moments(x)[0], rtol=1e-4)
+    # Validation judged the recalibrated statistics, as evaluate does now.
+    loss, _ = model.evaluate(x, y, verbose=0, callbacks=[precise])
+    assert history.history["val_loss"][-1] == pytest.approx(loss, rel=1e-5)
+    assert len(precise.results) == 2  # evaluate alone does not recalibrate
 
 
 def test_every_public_helper_is_tested():
@@ -1182,93 +1136,7 @@ def test_every_public_helper_is_tested():
     assert public and not untested, f"no test calls: {untested}"
 
 
-# --- remedies: measurement, table, plot, memory -------------------------------------------
-
-
-def test_measure_remedy_inference_mode_leaves_statistics(tiny, data):
-    model, bn = tiny
-    x, y = data
-    before = utils.moving_statistics(model)
-    result = utils.measure_remedy("fresh", model, x, y, updates=7, extra="none", seconds=1.25)
-    after = utils.moving_statistics(model)
-    np.testing.assert_array_equal(before["bn"][0], after["bn"][0])
-    np.testing.assert_array_equal(before["bn"][1], after["bn"][1])
-    served = keras.ops.convert_to_numpy(model(x, training=False))
-    train = keras.ops.convert_to_numpy(model(x, training=True))
-    utils.set_moving_statistics(model, before)
-    assert isinstance(result, utils.RemedyResult)
-    assert result.name == "fresh" and result.updates == 7 and result.seconds == 1.25
-    assert result.extra == "none"
-    assert result.memorised == (utils.accuracy(train, y) == 1.0)
-    assert result.predicted == np.argmax(served, axis=1).tolist()
-    assert result.accuracy == utils.accuracy(served, y)
-    assert result.mode_gap == pytest.approx(np.abs(train - served).max(), abs=1e-6)
-    # inference mode answers each sample alone exactly as in the batch
-    truth = np.argmax(y, axis=1)
-    assert result.alone_right == [p == t for p, t in zip(np.argmax(served, axis=1), truth)]
-    assert result.alone_predicted == np.argmax(served, axis=1).tolist()
-    assert result.same_computation is False
-    assert utils.measure_remedy("unmeasured", model, x, y, 7).seconds is None
-
-
-def test_measure_remedy_same_computation(tiny, data):
-    model, _ = tiny
-    x, y = data
-    # A model without BatchNormalization computes the same thing in both modes.
-    inputs = keras.Input(x.shape[1:])
-    plain = keras.Model(inputs, keras.layers.Dense(y.shape[1], activation="softmax")(
-        keras.layers.Flatten()(inputs)))
-    result = utils.measure_remedy("plain", plain, x, y, 1, same_computation=True)
-    assert result.same_computation and result.mode_gap < 1e-6
-    assert "n/a: same computation" in utils.remedies_table_html([result])
-    # Claiming it for a BatchNormalization model whose modes differ is an error that says so.
-    with pytest.raises(ValueError, match="differ by"):
-        utils.measure_remedy("bn", model, x, y, 1, same_computation=True)
-
-
-def test_measure_remedy_training_mode_serves_training_outputs(tiny, data):
-    model, _ = tiny
-    x, y = data
-    before = utils.moving_statistics(model)
-    result = utils.measure_remedy("train", model, x, y, 1, training_mode=True)
-    np.testing.assert_array_equal(utils.moving_statistics(model)["bn"][1], before["bn"][1])
-    assert result.mode_gap == 0.0 and result.same_computation
-    with utils.frozen_moving_statistics(model):
-        served = keras.ops.convert_to_numpy(model(x, training=True))
-    assert result.predicted == np.argmax(served, axis=1).tolist()
-
-
-def test_measure_remedy_after_recalibration_has_no_gap(tiny, data):
-    model, _ = tiny
-    x, y = data
-    utils.recalibrate_batchnorm(model, x)
-    result = utils.measure_remedy("recal", model, x, y, 1)
-    assert result.mode_gap < 1e-5
-
-
-def test_remedies_table_html_and_plot_remedies():
-    rows = [
-        utils.RemedyResult("a <baseline>", 5, True, [0, 0, 0], 1 / 3, 825.7,
-                           [True, False, False], 1.0, "none", 13.2),
-        utils.RemedyResult("b fixed", 5, True, [0, 1, 2], 1.0, 7e-5,
-                           [True, True, True], 0.0, "1 training-mode pass", 0.4),
-        utils.RemedyResult("c failed", 20, False, [1, 1, 1], 1 / 3, 3.4,
-                           [False, True, False], 0.0, "20 updates", 50.0),
-    ]
-    table = utils.remedies_table_html(rows)
-    assert table.startswith("<table") and table.endswith("</table>")
-    assert table.count("<tr>") == 4 and "<th>updates</th>" in table
-    assert "a &lt;baseline&gt;" in table  # names are escaped
-    assert "<td>0 0 0</td>" in table and "1 of 3 right" in table and "3 of 3 right" in table
-    assert "825.7" not in table and "826" in table  # 3 significant digits
-    # Only the failed training is marked, and no seconds appear (they vary).
-    assert table.count("training failed") == 1 and "c failed" in table.split("training failed")[0]
-    assert "13.2" not in table and "50.0" not in table
-    utils.plot_remedies(rows, "title")
-    import matplotlib.pyplot as plt
-
-    labels = [t.get_text() for t in plt.gcf().axes[0].get_yticklabels()]
-    assert labels == ["a <baseline>", "b fixed", "c failed (training failed)"]
+# --- memory and errors --------------------------------------------------------------------
 
 
 def test_release_memory_clears_the_session():
@@ -1277,13 +1145,6 @@ def test_release_memory_clears_the_session():
     utils.release_memory()
     second = keras.layers.Dense(1)
     assert first.name == second.name  # the name counter started again
-
-
-def test_binder_url_uses_the_repository():
-    assert utils.binder_url().startswith(f"https://mybinder.org/v2/gh/{utils.REPOSITORY}/HEAD")
-    assert utils.binder_url("notebooks/01_load_images.ipynb").endswith(
-        "?urlpath=lab/tree/notebooks/01_load_images.ipynb"
-    )
 
 
 def test_load_images_raises_only_the_documented_types(tmp_path):

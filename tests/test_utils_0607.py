@@ -12,6 +12,9 @@ import pytest
 import utils
 from utils import keras
 
+#: The classes of ``draw_patterns`` in label order (notebook 06 defines the same tuple).
+PATTERN_CLASSES = ("horizontal", "vertical", "diagonal", "blob")
+
 # ---------------------------------------------------------------------------
 # draw_patterns
 # ---------------------------------------------------------------------------
@@ -20,7 +23,7 @@ from utils import keras
 def test_draw_patterns_shapes_balance_and_dtype():
     images, labels = utils.draw_patterns(10, size=12, rng=np.random.default_rng(0))
     assert images.shape == (10, 12, 12, 1) and images.dtype == np.float32
-    assert labels.shape == (10, len(utils.PATTERN_CLASSES)) and labels.dtype == np.float32
+    assert labels.shape == (10, len(PATTERN_CLASSES)) and labels.dtype == np.float32
     assert np.all(labels.sum(axis=1) == 1)
     counts = labels.sum(axis=0)
     assert counts.max() - counts.min() <= 1  # balanced classes
@@ -49,10 +52,14 @@ def test_draw_patterns_gain_and_offset_map_every_pixel():
 def test_draw_patterns_without_noise_draws_the_class_pattern():
     images, labels = utils.draw_patterns(40, size=16, noise=0.0, rng=np.random.default_rng(2))
     for image, label in zip(images[..., 0], labels.argmax(axis=1)):
+        name = PATTERN_CLASSES[label]
         rows_constant = np.allclose(image, image[:, :1])  # horizontal stripes: rows constant
         columns_constant = np.allclose(image, image[:1, :])
-        assert rows_constant == (label == 0)
-        assert columns_constant == (label == 1)
+        # diagonal stripes: constant along the anti-diagonals, x + y fixed
+        diagonal = np.allclose(image[1:, :-1], image[:-1, 1:])
+        assert rows_constant == (name == "horizontal")
+        assert columns_constant == (name == "vertical")
+        assert diagonal == (name == "diagonal")
 
 
 @pytest.mark.parametrize("kwargs, error, named", [
@@ -181,7 +188,9 @@ def test_html_table_rejects_rows_of_the_wrong_length():
 
 
 def test_html_table_rejects_a_string_header_and_rows_that_are_not_lists():
-    with pytest.raises(TypeError, match="header must be a list"):
+    with pytest.raises(TypeError, match=r"must be (a )?lists?\b"):
         utils.html_table("ab", [[1, 2]])
+    with pytest.raises(TypeError, match=r"must be (a )?lists?\b"):
+        utils.html_table(["a", "b"], "12")
     with pytest.raises(TypeError, match="row 0 must be a list of 1 cells, got int"):
         utils.html_table(["a"], [1, 2])
