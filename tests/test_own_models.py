@@ -85,9 +85,7 @@ def test_custom_layer_is_found_and_recalibrated():
     x, _ = _data()
     mean, var = _moments(_block_input(block, x), 0)
 
-    # One batch of all 100 samples: see test_toolkit.py::test_ragged_last_batch_... for
-    # the default batch_size=32 (batches 32, 32, 32 and 4).
-    rows = utils.diagnose_batchnorm(model, x, batch_size=100)
+    rows = utils.diagnose_batchnorm(model, x)
     assert [r.name for r in rows] == ["block/bn"] and rows[0].verdict == "never updated"
     with pytest.raises(ValueError, match="include_never_updated"):
         utils.recalibrate_batchnorm(model, x, batch_size=100)  # left alone by default

@@ -172,8 +172,10 @@ def test_setup_accepts_the_minimum_versions(monkeypatch, capsys, determinism_res
 
 
 def test_setup_seeds_and_enables_determinism(capsys, determinism_restored):
+    # threads=None: fixing the pools raises once any earlier test has run a TensorFlow op;
+    # the pools are tested in a fresh process below.
     _set_determinism(False)
-    utils.setup(7)
+    utils.setup(7, threads=None)
     assert _determinism_enabled()
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.strip()]
@@ -182,11 +184,40 @@ def test_setup_seeds_and_enables_determinism(capsys, determinism_restored):
     assert "deterministic" in lines[0]
 
     first = np.random.rand()
-    utils.setup(7)
+    utils.setup(7, threads=None)
     assert np.random.rand() == first
-    utils.setup(8)
+    utils.setup(8, threads=None)
     assert np.random.rand() != first
     capsys.readouterr()
+
+
+def test_setup_fixes_the_thread_pools_once(tmp_path):
+    """In a fresh process: setup sizes both pools; once an op ran, other sizes need a restart."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "pools.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(utils.ROOT)!r})\n"
+        "import utils\n"
+        "utils.setup(threads=1)\n"
+        "utils.tf.constant(1.0) + 1  # TensorFlow starts: the pools are fixed from here\n"
+        "utils.setup(threads=1)  # the same sizes again: fine\n"
+        "try:\n"
+        "    utils.setup(threads=2)\n"
+        "except RuntimeError as error:\n"
+        "    print('RuntimeError:', error)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_NUM_")}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert [line.endswith("| 1+1 threads") for line in lines[:2]] == [True, True], lines
+    assert lines[2].startswith("RuntimeError:") and "restart" in lines[2], lines
 
 
 # ---------------------------------------------------------------------------
@@ -1075,6 +1106,7 @@ def test_resources():
 
 
 def test_html_table_shows_bold_cells_in_bold_and_escaped():
+    # utils._Bold: the private str subclass gaps_table_html uses for flagged verdicts
     cell = utils._Bold("x<y")
     assert isinstance(cell, str) and cell == "x<y"
     text = utils.html_table(["a", "b"], [[cell, "plain"], [utils._Bold("1 & 2"), 0.5]]).data

@@ -1,0 +1,538 @@
+"""The toolkit of ``utils.py`` (``diagnose_batchnorm``, ``recalibrate_batchnorm``, ``PreciseBN``)
+on small models and data of this file's own, for the cases a learner's model meets: a model
+trained long, the case's stale statistics, bad data, bad statistics, a loop that forgot
+``training=True``, float64, renorm, dropout and ``fit`` with validation.
+
+Expected values come from NumPy on the layer's actual input (captured by calling the sub-layers
+by hand), never from the helper under test. Each test takes a few seconds at most; the trained
+model of the false-alarm tests is trained once per module (1000 updates, about 3 s).
+"""
+
+import numpy as np
+import pytest
+
+import utils
+from utils import keras, tf
+
+L = keras.layers
+SIZE = 8  # image side of the small CNN
+DRAWS = 20  # random draws of the batch in the false-alarm tests
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    keras.utils.set_random_seed(0)
+    yield
+
+
+def _np(x):
+    return np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float64)
+
+
+def _variables(model):
+    return [v.numpy().copy() for v in model.variables]
+
+
+def _assert_all_variables_equal(model, before):
+    for v, b in zip(model.variables, before):
+        np.testing.assert_array_equal(v.numpy(), b, err_msg=v.path)
+
+
+# ---------------------------------------------------------------------------
+# Models and data of our own
+# ---------------------------------------------------------------------------
+
+
+def _images(n, rng, offset=0.0, gain=1.0):
+    """Two classes of 8 x 8 images: a horizontal or a vertical ramp, plus pixel noise and a
+    random brightness per image; one-hot labels."""
+    labels = rng.integers(0, 2, n)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / (SIZE - 1)
+    ramps = np.where(labels[:, None, None] == 0, xx, yy)
+    x = 2.0 * ramps + rng.normal(0, 0.5, (n, SIZE, SIZE)) + rng.normal(0, 0.3, (n, 1, 1))
+    return (gain * x + offset)[..., None].astype(np.float32), np.eye(2, dtype=np.float32)[labels]
+
+
+def _small_cnn():
+    """conv1-bn1-ReLU-conv2 (stride 2)-bn2-ReLU-pool-softmax: two conv + BN layers."""
+    return keras.Sequential([
+        keras.Input((SIZE, SIZE, 1)),
+        L.Conv2D(4, 3, padding="same", use_bias=False, name="conv1"),
+        L.BatchNormalization(name="bn1"), L.ReLU(),
+        L.Conv2D(8, 3, strides=2, padding="same", use_bias=False, name="conv2"),
+        L.BatchNormalization(name="bn2"), L.ReLU(),
+        L.GlobalAveragePooling2D(), L.Dense(2, activation="softmax", name="out"),
+    ], name="small_cnn")
+
+
+def _dense_net(features=8, name="dense_net"):
+    """Dense-bn1-ReLU-Dense-bn2-softmax."""
+    return keras.Sequential([
+        keras.Input((features,)), L.Dense(6, name="d1"), L.BatchNormalization(name="bn1"),
+        L.ReLU(), L.Dense(4, name="d2"), L.BatchNormalization(name="bn2"),
+        L.Dense(2, activation="softmax", name="out"),
+    ], name=name)
+
+
+def _tabular(n, features=8, seed=1, loc=3.0, scale=2.0):
+    rng = np.random.default_rng(seed)
+    x = (loc + scale * rng.standard_normal((n, features))).astype(np.float32)
+    y = np.eye(2, dtype=np.float32)[(x[:, 0] > loc).astype(int)]
+    return x, y
+
+
+def _fit(model, x, y, epochs, batch_size, **compile_options):
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy",
+                  **compile_options)
+    model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0, shuffle=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained_cnn():
+    """The small CNN trained long: 1000 updates of batches of 16 from 512 images."""
+    keras.utils.set_random_seed(0)
+    x, y = _images(512, np.random.default_rng(0))
+    model = _small_cnn()
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy",
+                  metrics=["accuracy"], steps_per_execution=50)
+    batches = (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(512, seed=0)
+               .batch(16, drop_remainder=True).repeat())
+    history = model.fit(batches, steps_per_epoch=1000, epochs=1, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 1000
+    assert history.history["accuracy"][-1] > 0.9  # it learned the two classes
+    return model, x, y
+
+
+def _first_batch(x, y, batch_size, draw):
+    """The first batch of a shuffled loader (a new shuffle for each draw), as a dataset."""
+    loader = (tf.data.Dataset.from_tensor_slices((x, y))
+              .shuffle(len(x), seed=1000 + draw, reshuffle_each_iteration=False)
+              .batch(batch_size))
+    return loader.take(1)
+
+
+def _labels_of(batch):
+    return [int(c) for _, yb in batch for c in np.argmax(yb.numpy(), axis=1)]
+
+
+# ---------------------------------------------------------------------------
+# a. No false alarm on a model trained long
+# ---------------------------------------------------------------------------
+
+_SINGLE_CLASS = pytest.mark.xfail(
+    strict=True,
+    reason="toolkit false alarm: a small batch of one class only is flagged 'mismatch' (its "
+           "within-batch spread cannot show the between-class variance the moving variance "
+           "holds); see test_small_mixed_batches_are_never_flagged")
+
+
+@pytest.mark.parametrize("source", [
+    pytest.param(2, marks=_SINGLE_CLASS), pytest.param(4, marks=_SINGLE_CLASS),
+    8, 16, 64, "arrays"])
+def test_no_false_alarm_on_a_model_trained_long(trained_cnn, source):
+    model, x, y = trained_cnn
+    flagged, rows = [], 0
+    for draw in range(DRAWS):
+        if source == "arrays":  # a shuffled array, cut into batches of 32 by the helper
+            order = np.random.default_rng(1000 + draw).permutation(len(x))[:128]
+            result = utils.diagnose_batchnorm(model, x[order])
+        else:
+            result = utils.diagnose_batchnorm(model, _first_batch(x, y, source, draw))
+        rows += len(result)
+        flagged += [(draw, r.name, r.verdict) for r in result if r.flagged]
+    assert rows == 2 * DRAWS
+    print(f"false alarms, source {source}: {len(flagged)} of {rows} rows "
+          f"({len(flagged) / rows:.1%}): {flagged}")
+    assert flagged == []
+
+
+def test_the_trained_model_s_moving_statistics_are_right(trained_cnn):
+    """So any flag in the test above is a false alarm: the moving statistics match the data's
+    fit-mode statistics (batches of 16, as in training, averaged over all 512 images)."""
+    model, x, _ = trained_cnn
+    records = utils.per_batch_statistics(model, x, 16)
+    for path, (moving_mean, moving_var) in utils.moving_statistics(model).items():
+        mean = np.mean([m.mean for m in records[path]], axis=0)
+        var = np.mean([m.var for m in records[path]], axis=0)
+        shift = np.abs(moving_mean - mean) / np.sqrt(var + 1e-3)
+        log_gap = np.abs(utils.log_variance_ratio(moving_var, var))
+        assert np.median(shift) < 0.05 and np.median(log_gap) < 0.05, (path, shift, log_gap)
+
+
+def test_small_mixed_batches_are_never_flagged(trained_cnn):
+    """The same draws as above: the batches holding both classes give no flag at any size."""
+    model, x, y = trained_cnn
+    mixed = single = single_flagged = 0
+    for batch_size in (2, 4, 8):
+        for draw in range(DRAWS):
+            batch = _first_batch(x, y, batch_size, draw)
+            result = utils.diagnose_batchnorm(model, batch)
+            if len(set(_labels_of(batch))) == 2:
+                mixed += 1
+                assert not any(r.flagged for r in result), (batch_size, draw, result)
+            else:
+                single += 1
+                single_flagged += any(r.flagged for r in result)
+    print(f"mixed batches: {mixed}, none flagged; single-class batches: {single}, "
+          f"{single_flagged} flagged")
+    assert mixed >= 40
+
+
+# ---------------------------------------------------------------------------
+# b. The case: few updates, stale statistics
+# ---------------------------------------------------------------------------
+
+
+def test_case_like_model_with_few_updates_is_flagged():
+    # As in the series' case: images of 0-255, a few updates of one batch of all images, so the
+    # moving statistics (momentum 0.99) are still close to their start values.
+    x, y = _images(32, np.random.default_rng(2), offset=128.0, gain=40.0)
+    model = _fit(_small_cnn(), x, y, epochs=5, batch_size=32)
+    assert int(model.optimizer.iterations.numpy()) == 5
+    for data in (x, x[:4], tf.data.Dataset.from_tensor_slices((x, y)).batch(8)):
+        rows = utils.diagnose_batchnorm(model, data)
+        assert [r.name for r in rows] == ["bn1", "bn2"]
+        assert all(r.flagged and not r.never_updated for r in rows), rows
+        assert [r.verdict for r in rows] == ["mismatch", "mismatch"]
+        assert rows[0].log_var_gap > 1 and rows[0].shift > 1  # far beyond any noise
+    assert "2 of 2 BatchNormalization layers flagged" in utils.gaps_table_html(rows).data
+    utils.recalibrate_batchnorm(model, x)  # trained: no include_never_updated needed
+    assert [r.verdict for r in utils.diagnose_batchnorm(model, x)] == ["ok", "ok"]
+
+
+# ---------------------------------------------------------------------------
+# c. NaN or Inf in the data
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("kind", ["array", "tf.data"])
+def test_one_bad_value_in_the_data_names_batch_and_layer_and_changes_nothing(bad, kind):
+    x, y = _tabular(96)
+    model = _fit(_dense_net(), x, y, epochs=2, batch_size=16)
+    bad_x = x.copy()
+    bad_x[40, 3] = bad  # sample 40: batch 3 of 16 samples (counting from 1)
+    data = bad_x if kind == "array" else tf.data.Dataset.from_tensor_slices(
+        (bad_x, y)).batch(16)
+    before, predicted = _variables(model), model.predict(x, verbose=0)
+    with pytest.raises(ValueError, match=r"batch 3 \(counting from 1\): layer 'bn1'.*non-finite"):
+        utils.recalibrate_batchnorm(model, data, batch_size=16)
+    _assert_all_variables_equal(model, before)  # every moving statistic bit-identical
+    np.testing.assert_array_equal(model.predict(x, verbose=0), predicted)
+    with pytest.raises(ValueError, match=r"batch 3 .*layer 'bn1'"):  # the diagnosis too
+        utils.diagnose_batchnorm(model, data, batch_size=16)
+    _assert_all_variables_equal(model, before)
+    # a NaN that reaches only the second layer (through the first's weights) names that one
+    model.get_layer("d2").kernel.assign(np.full((6, 4), np.nan, np.float32))
+    before = _variables(model)
+    with pytest.raises(ValueError, match=r"batch 1 .*layer 'bn2'"):
+        utils.recalibrate_batchnorm(model, x, batch_size=16)
+    _assert_all_variables_equal(model, before)
+
+
+# ---------------------------------------------------------------------------
+# d. NaN in the moving statistics
+# ---------------------------------------------------------------------------
+
+
+def test_nan_moving_variance_is_not_finite_never_ok():
+    x, y = _tabular(64)
+    model = _fit(_dense_net(), x, y, epochs=3, batch_size=16)
+    bn1, bn2 = model.get_layer("bn1"), model.get_layer("bn2")
+    healthy = {r.name: r.verdict for r in utils.diagnose_batchnorm(model, x)}
+
+    variance = bn1.moving_variance.numpy()
+    bn1.moving_variance.assign(np.full_like(variance, np.nan))
+    rows = {r.name: r for r in utils.diagnose_batchnorm(model, x)}
+    assert rows["bn1"].verdict == "not finite" and rows["bn1"].flagged
+    assert not rows["bn1"].finite
+    assert rows["bn2"].verdict == healthy["bn2"]  # fit mode: bn2 never sees bn1's moving stats
+    assert "not finite" in utils.gaps_table_html(list(rows.values())).data
+
+    one = variance.copy()
+    one[2] = np.nan  # a single channel
+    bn1.moving_variance.assign(one)
+    assert utils.diagnose_batchnorm(model, x)[0].verdict == "not finite"
+    bn1.moving_variance.assign(variance)
+    mean = bn2.moving_mean.numpy().copy()
+    mean[0] = np.inf
+    bn2.moving_mean.assign(mean)
+    assert [r.verdict for r in utils.diagnose_batchnorm(model, x)][1] == "not finite"
+
+    # frozen and not finite: "not finite" first (the last layer: nothing after it sees it)
+    bn2.trainable = False
+    (row,) = [r for r in utils.diagnose_batchnorm(model, x) if r.name == "bn2"]
+    assert row.frozen and row.verdict == "not finite"
+
+    # recalibrating repairs the layers that train (it does not read the moving statistics)
+    bn2.trainable = True
+    bn1.moving_variance.assign(one)
+    result = utils.recalibrate_batchnorm(model, x)
+    assert int(result) == 2
+    assert all(r.finite and r.verdict == "ok" for r in utils.diagnose_batchnorm(model, x))
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason="toolkit bug: a frozen layer with NaN "
+                   "moving statistics feeds NaN to the next BN layer in the fit-mode pass, and "
+                   "diagnose_batchnorm raises 'batch 1 ... layer bn2 received non-finite values; "
+                   "check that batch of the data' instead of giving bn1 the verdict 'not finite'")
+def test_frozen_layer_with_nan_moving_variance_before_another_layer_is_not_finite():
+    x, y = _tabular(64)
+    model = _fit(_dense_net(), x, y, epochs=3, batch_size=16)
+    bn1 = model.get_layer("bn1")
+    bn1.moving_variance.assign(np.full(6, np.nan, np.float32))
+    bn1.trainable = False  # frozen: it normalizes with its moving statistics in fit too
+    rows = {r.name: r for r in utils.diagnose_batchnorm(model, x)}
+    assert rows["bn1"].verdict == "not finite"
+
+
+# ---------------------------------------------------------------------------
+# e. A custom training loop that forgot training=True
+# ---------------------------------------------------------------------------
+
+
+def _loop(model, x, y, steps, batch_size, training):
+    optimizer = keras.optimizers.SGD(0.05)
+    loss_fn = keras.losses.CategoricalCrossentropy()
+    for step in range(steps):
+        s = slice((step * batch_size) % len(x), (step * batch_size) % len(x) + batch_size)
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y[s], model(x[s]) if training is None else model(x[s], training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    return float(loss)
+
+
+def test_loop_without_training_true_is_never_updated_and_not_recalibrated():
+    x, y = _tabular(128)
+    model = _dense_net()
+    _loop(model, x, y, steps=20, batch_size=32, training=None)  # forgot training=True
+    bn1 = model.get_layer("bn1")
+    np.testing.assert_array_equal(bn1.moving_mean.numpy(), np.zeros(6))
+    np.testing.assert_array_equal(bn1.moving_variance.numpy(), np.ones(6))
+    rows = utils.diagnose_batchnorm(model, x)
+    assert [r.verdict for r in rows] == ["never updated", "never updated"], rows
+    assert all(r.never_updated and r.flagged for r in rows)
+
+    before, predicted = _variables(model), model.predict(x, verbose=0)
+    with pytest.raises(ValueError, match="include_never_updated"):
+        utils.recalibrate_batchnorm(model, x)
+    _assert_all_variables_equal(model, before)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), predicted)
+
+    result = utils.recalibrate_batchnorm(model, x, batch_size=128, include_never_updated=True)
+    assert int(result) == 2 and result.skipped == []
+    h = _np(model.get_layer("d1")(x))
+    np.testing.assert_allclose(bn1.moving_mean.numpy(), h.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bn1.moving_variance.numpy(), h.var(0), rtol=1e-5)
+
+    # The same loop with training=True: the layers train, nothing to refuse.
+    keras.utils.set_random_seed(0)
+    model = _dense_net()
+    _loop(model, x, y, steps=20, batch_size=32, training=True)
+    assert not any(r.never_updated for r in utils.diagnose_batchnorm(model, x))
+    assert int(utils.recalibrate_batchnorm(model, x)) == 2
+
+
+# ---------------------------------------------------------------------------
+# f. float64
+# ---------------------------------------------------------------------------
+
+
+def test_float64_model_moments_are_float64():
+    rng = np.random.default_rng(3)
+    x = 50.0 + rng.standard_normal((60, 5)) * [1.0, 2.0, 3.0, 0.5, 0.05]  # float64
+    model = keras.Sequential([
+        keras.Input((5,), dtype="float64"), L.BatchNormalization(name="bn_in", dtype="float64"),
+        L.Dense(3, name="d", dtype="float64"), L.BatchNormalization(name="bn", dtype="float64"),
+    ])
+    bn_in, bn = model.get_layer("bn_in"), model.get_layer("bn")
+    assert bn.moving_mean.dtype == "float64"
+    gamma, beta = bn_in.gamma.numpy(), bn_in.beta.numpy()
+    kernel, bias = model.get_layer("d").kernel.numpy(), model.get_layer("d").bias.numpy()
+
+    def expected(rows):
+        """NumPy float64: bn_in's input is the data; bn's is Dense of bn_in's output."""
+        normalized = (rows - rows.mean(0)) / np.sqrt(rows.var(0) + 1e-3) * gamma + beta
+        return rows, normalized @ kernel + bias
+
+    # untrained on purpose (nothing to train for this check): recalibrate the start values
+    result = utils.recalibrate_batchnorm(model, x, batch_size=20, include_never_updated=True)
+    seen_in, seen = [np.concatenate([expected(x[s:s + 20])[k] for s in range(0, 60, 20)])
+                     for k in (0, 1)]
+    for path, values in (("bn_in", seen_in), ("bn", seen)):
+        moments = result.statistics[path]
+        assert moments.mean.dtype == np.float64 and moments.count == 60
+        np.testing.assert_allclose(moments.mean, values.mean(0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(moments.var, values.var(0), rtol=1e-12)
+        layer = model.get_layer(path)
+        np.testing.assert_allclose(layer.moving_mean.numpy(), values.mean(0), rtol=1e-12,
+                                   atol=1e-12)
+        np.testing.assert_allclose(layer.moving_variance.numpy(), values.var(0), rtol=1e-12)
+    with utils.recording_batchnorm_inputs(model) as records:
+        model(x, training=False)
+    np.testing.assert_allclose(records["bn_in"][0].var, x.var(0), rtol=1e-12)
+    stats, _ = utils.batch_statistics(model, x)
+    np.testing.assert_allclose(stats["bn"].mean, expected(x)[1].mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats["bn"].var, expected(x)[1].var(0), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# g. renorm with clipping: the order of the batches does not matter
+# ---------------------------------------------------------------------------
+
+
+def _renorm_net():
+    clip = {"rmax": 1.5, "rmin": 0.6, "dmax": 0.5}
+    return keras.Sequential([
+        keras.Input((8,)), L.Dense(6, name="d1"),
+        L.BatchNormalization(renorm=True, renorm_clipping=clip, name="rn1"), L.ReLU(),
+        L.Dense(4, name="d2"),
+        L.BatchNormalization(renorm=True, renorm_clipping=clip, name="rn2"),
+        L.Dense(2, activation="softmax"),
+    ])
+
+
+def test_renorm_with_clipping_is_independent_of_batch_order():
+    x, y = _tabular(96, loc=4.0, scale=3.0)
+    model = _fit(_renorm_net(), x, y, epochs=1, batch_size=32)  # 3 updates: stale, clipped
+    start = [v.numpy().copy() for v in model.non_trainable_variables]
+    batches = x.reshape(6, 16, 8)
+    backwards = batches[::-1].reshape(96, 8)
+    paths = ("rn1", "rn2")
+
+    def restore():
+        for v, value in zip(model.non_trainable_variables, start):
+            v.assign(value)
+
+    results = []
+    for data in (x, backwards):
+        restore()
+        result = utils.recalibrate_batchnorm(model, data, batch_size=16)
+        assert int(result) == 2
+        results.append({p: (model.get_layer(p).moving_mean.numpy(),
+                            model.get_layer(p).moving_variance.numpy(),
+                            model.get_layer(p).moving_stddev.numpy()) for p in paths})
+    for p in paths:
+        for a, b in zip(results[0][p], results[1][p]):
+            np.testing.assert_allclose(a, b, rtol=2e-7, atol=1e-7, err_msg=p)
+    # rn1's input does not depend on any state: the NumPy moments of Dense d1
+    h = _np(model.get_layer("d1")(x))
+    np.testing.assert_allclose(results[0]["rn1"][1], h.var(0), rtol=1e-5)
+
+    # The test has teeth: fit-mode passes that let the state run on (as fit does) depend on the
+    # order, since the clipped renorm corrections of rn1 shape what rn2 receives.
+    pooled = []
+    for data in (batches, batches[::-1]):
+        restore()
+        with utils.frozen_moving_statistics(model), \
+                utils.recording_batchnorm_inputs(model) as records:
+            for batch in data:
+                model(batch, training=True)
+        pooled.append(utils._pooled(records["rn2"]).var)
+    assert not np.allclose(pooled[0], pooled[1], rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# h. Dropout, noise and augmentation run in inference mode
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("noisy", [
+    lambda: L.Dropout(0.5, name="noisy"),
+    lambda: L.GaussianNoise(1.0, name="noisy"),
+    lambda: L.GaussianDropout(0.5, name="noisy"),
+], ids=["Dropout", "GaussianNoise", "GaussianDropout"])
+def test_recalibrated_variance_is_that_of_the_layer_input_without_dropout(noisy):
+    x, y = _tabular(64)
+    model = keras.Sequential([keras.Input((8,)), L.Dense(6, name="dense"), noisy(),
+                              L.BatchNormalization(name="bn"), L.Dense(2, activation="softmax")])
+    model = _fit(model, x, y, epochs=2, batch_size=16)  # fit: with dropout
+    bn = model.get_layer("bn")
+    trained_var = bn.moving_variance.numpy().copy()
+    others = [v for v in model.non_trainable_variables
+              if not any(v is w for w in bn.non_trainable_variables)]
+    before = [v.numpy().copy() for v in others]  # the seed generator's state among them
+    utils.recalibrate_batchnorm(model, x, batch_size=16)
+    for v, b in zip(others, before):
+        np.testing.assert_array_equal(v.numpy(), b, err_msg=v.path)
+    h = _np(model.get_layer("dense")(x))  # no dropout
+    np.testing.assert_allclose(bn.moving_mean.numpy(), h.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), h.var(0), rtol=1e-5)
+    with_noise = _np(model.get_layer("noisy")(h.astype(np.float32), training=True)).var(0)
+    assert not np.allclose(with_noise, h.var(0), rtol=0.1)  # dropout would have shown
+    assert not np.allclose(trained_var, h.var(0), rtol=1e-3)
+
+
+def test_augmentation_inside_a_nested_block_runs_in_inference_mode():
+    rng = np.random.default_rng(5)
+    x = (rng.uniform(0, 1, (32, 6, 6, 1))).astype(np.float32)
+    augment = keras.Sequential([L.RandomContrast(0.9), L.RandomBrightness(0.5, (0, 1))],
+                               name="augment")
+    inputs = keras.Input((6, 6, 1))
+    features = L.Conv2D(3, 3, name="conv")(augment(inputs))
+    model = keras.Model(inputs, L.BatchNormalization(name="bn")(features))
+    # untrained on purpose: the check is what the layer receives
+    utils.recalibrate_batchnorm(model, x, batch_size=8, include_never_updated=True)
+    h = _np(model.get_layer("conv")(x))  # the images as they are, not augmented
+    bn = model.get_layer("bn")
+    np.testing.assert_allclose(bn.moving_mean.numpy(), h.mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), h.var((0, 1, 2)), rtol=1e-4)
+    assert not np.allclose(_np(augment(x, training=True)), x, atol=1e-3)  # it does augment
+
+
+# ---------------------------------------------------------------------------
+# i. PreciseBN inside fit with validation
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("validation_freq", [1, 2])
+def test_precise_bn_recalibrates_before_each_validation(validation_freq):
+    x, y = _tabular(128)
+    xv, yv = _tabular(48, seed=7)
+    model = _dense_net()
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
+    precise = utils.PreciseBN(x, max_samples=96, batch_size=32)
+    epochs = 2 * validation_freq  # the last epoch is validated
+    history = model.fit(x, y, epochs=epochs, batch_size=16, validation_data=(xv, yv),
+                        validation_freq=validation_freq, verbose=0, callbacks=[precise])
+    assert len(precise.results) == epochs  # one per epoch, with or without validation
+    assert all(isinstance(r, utils.Recalibration) and int(r) == 2 and r.samples == 96
+               and r.batches == 3 for r in precise.results)
+    # the last epoch was validated after recalibrating: evaluate now gives the same loss
+    validated = history.history["val_loss"]
+    assert len(validated) == 2
+    evaluated = model.evaluate(xv, yv, batch_size=16, verbose=0)
+    np.testing.assert_allclose(validated[-1], evaluated, rtol=1e-6)
+    # the moving statistics are the recalibration of the final weights on the same data
+    after_fit = utils.moving_statistics(model)
+    for path, moments in precise.results[-1].statistics.items():
+        np.testing.assert_allclose(after_fit[path][0], moments.mean, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(after_fit[path][1], moments.var, rtol=1e-6)
+    again = utils.recalibrate_batchnorm(model, x, max_samples=96, batch_size=32)
+    for path, (mean, var) in utils.moving_statistics(model).items():
+        np.testing.assert_array_equal(mean, after_fit[path][0], err_msg=path)
+        np.testing.assert_array_equal(var, after_fit[path][1], err_msg=path)
+        np.testing.assert_allclose(again.statistics[path].var, var, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# A ragged last batch and the noise estimate
+# ---------------------------------------------------------------------------
+
+
+def _never_updated_block():
+    model = keras.Sequential([keras.Input((8,)), L.Dense(16, name="dense"),
+                              L.BatchNormalization(name="bn"), L.Dense(1)])
+    x, _ = _tabular(100)
+    return model, x
+
+
+def test_never_updated_layer_is_flagged_with_or_without_a_ragged_last_batch():
+    model, x = _never_updated_block()
+    for data, options in ((x, {}), (x, {"batch_size": 100}), (x[:96], {}),
+                          (x, {"batch_size": 25}), (x, {"batch_size": 50})):
+        (row,) = utils.diagnose_batchnorm(model, data, **options)  # {}: 32, 32, 32 and 4
+        assert row.verdict == "never updated", (options, row)
+        assert row.shift > 0.5 and row.log_var_gap > 0.4
