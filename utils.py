@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 
 # --- Setup -----------------------------------------------------------------------------------
 _IMPORTED_AT = time.perf_counter()
-#: The one seed of the series (README, "Seed"). Introduced in notebook 01.
+#: The one seed of the series (README, "Seed"); ``setup`` uses it. Notebook 01.
 SEED = 6
 #: Most epochs (= updates: one batch of all images each) a training gets. Introduced in notebook 02.
 MAX_EPOCHS = 20
@@ -31,8 +31,6 @@ MIN_VERSIONS = {
 ROOT = Path(__file__).resolve().parent
 #: The training images: ``data/train/``, or the folder the variable ``BN_SERIES_DATA`` names.
 DATA_DIR = Path(os.environ.get("BN_SERIES_DATA") or ROOT / "data" / "train")
-#: Everything the series generates (git-ignored).
-OUTPUT_DIR = ROOT / "output"
 
 def _version(text: str) -> tuple[int, ...]:
     """``"2.21.0rc1"`` -> ``(2, 21, 0)``."""
@@ -55,16 +53,24 @@ def setup(seed: int = SEED, threads: int | None = THREADS) -> None:
         try:
             pools.set_intra_op_parallelism_threads(intra)
             pools.set_inter_op_parallelism_threads(inter)
-        except RuntimeError as error:
-            if (pools.get_intra_op_parallelism_threads(),
-                    pools.get_inter_op_parallelism_threads()) != (intra, inter):
+        except RuntimeError as error:  # TensorFlow started: fine if it runs with these sizes
+            if _pool_sizes() != (intra, inter):
                 raise RuntimeError("TensorFlow's thread pools are already fixed: restart the "
                                    "kernel and call utils.setup() first") from error
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
+    sizes = _pool_sizes()
+    threads_used = "+".join(map(str, sizes)) if all(sizes) else "TensorFlow's own"
     print(f"TensorFlow {found['tensorflow']}, Keras {found['keras']}, Pillow {found['pillow']} | "
-          f"seed {seed} | deterministic ops | {pools.get_intra_op_parallelism_threads()}+"
-          f"{pools.get_inter_op_parallelism_threads()} threads")
+          f"seed {seed} | deterministic ops | {threads_used} threads")
+
+def _pool_sizes() -> tuple:
+    """(intra, inter) pool sizes set through ``tf.config``, else the environment's (0: TF's own)."""
+    pools = tf.config.threading
+    return (pools.get_intra_op_parallelism_threads()
+            or int(os.environ.get("TF_NUM_INTRAOP_THREADS", 0)),
+            pools.get_inter_op_parallelism_threads()
+            or int(os.environ.get("TF_NUM_INTEROP_THREADS", 0)))
 
 def resources() -> str:
     """Seconds since ``utils`` was imported and peak memory (``VmHWM``), one line. Notebook 01."""
@@ -151,10 +157,12 @@ def build_resnet50(num_classes: int, size: int = IMAGE_SIZE, momentum: float = 0
         layer.momentum = float(momentum)
     return model
 
-def compile_model(model: keras.Model, learning_rate: float = 1e-3) -> keras.Model:
-    """Compile with Adam, cross-entropy, accuracy, ``run_eagerly=True``; return it. Notebook 02."""
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss="categorical_crossentropy", metrics=["accuracy"], run_eagerly=True)
+def compile_model(model: keras.Model, learning_rate: float = 1e-3, *, run_eagerly: bool = True,
+                  **adam_options) -> keras.Model:
+    """Compile with ``Adam(learning_rate, **adam_options)``, categorical cross-entropy, accuracy,
+    eagerly unless ``run_eagerly=False`` (notebooks 06-07); return it. Notebook 02."""
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate, **adam_options),
+                  loss="categorical_crossentropy", metrics=["accuracy"], run_eagerly=run_eagerly)
     return model
 
 def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
@@ -260,7 +268,7 @@ def _built(model, purpose: str, need_bn: bool = True) -> dict:
 class Moments:
     """Per-channel mean, biased variance (float64 ``(channels,)``) of one call's input or pooled,
     ``count`` per channel, ``training`` (normalized with them), standard errors ``mean_se``,
-    ``var_se`` from the spread between samples (``None`` below 2). Notebook 03, section 4."""
+    ``var_se`` from the spread between samples (``None`` below 2). Notebook 03, section 5."""
     mean: np.ndarray
     var: np.ndarray
     count: int
@@ -380,14 +388,14 @@ def frozen_moving_statistics(model) -> Iterator[None]:
             variable.assign(value)
 
 def moving_statistics(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``path -> (moving_mean, moving_variance)``, float64 per channel. Notebook 03, section 5."""
+    """``path -> (moving_mean, moving_variance)``, float64 per channel. Notebook 03, section 2."""
     return {path: (np.asarray(layer.moving_mean.numpy(), np.float64),
                    np.asarray(layer.moving_variance.numpy(), np.float64))
             for path, layer in _built(model, "read the moving statistics", need_bn=False).items()}
 
 def batch_statistics(model, images, training: bool = True) -> tuple[dict[str, Moments], object]:
     """``(path -> pooled Moments, output)`` of one ``model(images, training=training)``, moving
-    statistics untouched. Notebook 03, section 5."""
+    statistics untouched. Notebook 03, section 4."""
     with frozen_moving_statistics(model), recording_batchnorm_inputs(model) as records:
         outputs = model(images, training=training)
     return {path: _pooled(calls) for path, calls in records.items() if calls}, outputs
@@ -695,7 +703,7 @@ _NEVER = ("never updated (moving statistics exactly 0 and 1): it normalized with
 
 class Recalibration(int):
     """What ``recalibrate_batchnorm`` did: an ``int`` (layers updated) with ``statistics``,
-    ``skipped``, ``reasons``, ``samples``, ``batches``, ``estimator``, ``seconds``. Notebook 05."""
+    ``skipped``, ``reasons``, ``samples``, ``batches``, ``estimator``, ``seconds``. Notebook 06."""
     def __repr__(self) -> str:
         return (f"Recalibration({int(self)} layers updated from {self.samples} samples in "
                 f"{self.batches} batches, estimator={self.estimator!r}, "

@@ -15,9 +15,8 @@ For comparison, the "plain script" is the original case without a notebook, in a
 fresh interpreter: the three images loaded with ``utils.load_images``, then
 ``keras.applications.ResNet50(weights=None, input_shape=(197, 197, 1), classes=3)``
 compiled with Keras defaults (graph mode), five epochs of ``fit``, ``predict`` and
-``evaluate``. By default it runs with TensorFlow's own oneDNN setting (it imports
-Keras before ``utils``, whose import would otherwise switch oneDNN off); see
-``--plain-onednn``.
+``evaluate``. By default it runs with TensorFlow's own oneDNN setting (the notebooks switch
+oneDNN off in their setup cell); see ``--plain-onednn``.
 
 The results are printed as a Markdown table with the targets (PASS/FAIL), and
 written to ``output/benchmark.md`` and ``output/benchmark.json``. Exit status:
@@ -41,7 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
-OUTPUT = ROOT / "output"  # utils.OUTPUT_DIR; not imported here, it would load TensorFlow
+OUTPUT = ROOT / "output"  # everything the series generates (git-ignored)
 
 #: Targets: seconds per notebook, seconds for the whole series, peak memory per kernel (MB).
 NOTEBOOK_SECONDS = 120.0
@@ -63,8 +62,7 @@ import sys
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 root = sys.argv[1]
 
-# Keras (and so TensorFlow) first: TensorFlow reads TF_ENABLE_ONEDNN_OPTS when it
-# is imported, and utils would set it to 0 if it were imported first.
+# TensorFlow reads TF_ENABLE_ONEDNN_OPTS when it is imported: the caller's environment decides.
 import keras
 import numpy as np
 

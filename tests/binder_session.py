@@ -10,7 +10,7 @@ file is written except the report.
 
 Usage, from the repository root, as root::
 
-    python tests/binder_session.py [--memory-mb 2048] [--cpu 0] [--keep-previous] NOTEBOOK...
+    python tests/binder_session.py [--memory-mb 2048] [--cpu N] [--keep-previous] NOTEBOOK...
 
 Per notebook it prints the wall seconds and the cgroup's peak memory (all processes charged
 together, as Binder counts them), and writes ``output/binder_session.json``. A kernel killed at
@@ -196,7 +196,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="+", type=Path)
     parser.add_argument("--memory-mb", type=int, default=2048)
-    parser.add_argument("--cpu", type=int, default=0, help="the one CPU to run on")
+    parser.add_argument("--cpu", type=int, default=min(os.sched_getaffinity(0)),
+                        help="the one CPU to run on (default: the first this process may use)")
     parser.add_argument("--keep-previous", action="store_true",
                         help="keep the previous notebook's kernel alive while the next one runs")
     args = parser.parse_args()
