@@ -66,11 +66,9 @@ def setup(seed: int = SEED, threads: int | None = THREADS) -> None:
 
 def _pool_sizes() -> tuple:
     """(intra, inter) pool sizes set through ``tf.config``, else the environment's (0: TF's own)."""
-    pools = tf.config.threading
-    return (pools.get_intra_op_parallelism_threads()
-            or int(os.environ.get("TF_NUM_INTRAOP_THREADS", 0)),
-            pools.get_inter_op_parallelism_threads()
-            or int(os.environ.get("TF_NUM_INTEROP_THREADS", 0)))
+    pools, env = tf.config.threading, os.environ.get
+    return (pools.get_intra_op_parallelism_threads() or int(env("TF_NUM_INTRAOP_THREADS", 0)),
+            pools.get_inter_op_parallelism_threads() or int(env("TF_NUM_INTEROP_THREADS", 0)))
 
 def resources() -> str:
     """Seconds since ``utils`` was imported and peak memory (``VmHWM``), one line. Notebook 01."""
@@ -453,16 +451,16 @@ def replay_moving_statistics(steps: dict[str, list[Moments]], momentum: float,
         replayed[path] = (mean, var)
     return replayed
 
-def updates_needed(momentum: float, remaining: float = 0.01) -> int:
-    """Fewest ``n`` with ``momentum**n <= remaining``; ``ValueError`` off (0, 1). Notebook 04."""
-    if not (0.0 < momentum < 1.0 and 0.0 < remaining < 1.0):
-        raise ValueError(f"momentum={momentum}, remaining={remaining}: need both between 0 and 1")
-    n = int(np.ceil(np.log(remaining) / np.log(momentum)))
-    while momentum**n > remaining:
-        n += 1
-    while n > 0 and momentum ** (n - 1) <= remaining:
-        n -= 1
-    return n
+def updates_needed(momentum: float, remaining: float) -> int:
+    """Fewest ``n`` with ``momentum**n <= remaining`` (0 once ``remaining >= 1``); ``ValueError``
+    for a momentum off (0, 1) or ``remaining <= 0``. Notebook 04."""
+    if not (0.0 < momentum < 1.0 and remaining > 0.0):
+        raise ValueError(f"momentum={momentum}, remaining={remaining}: need 0 < momentum < 1 and"
+                         " remaining > 0")
+    if remaining >= 1.0:
+        return 0
+    n = max(0, int(np.ceil(np.log(remaining) / np.log(momentum))))  # then fix float rounding
+    return n - 1 if n and momentum ** (n - 1) <= remaining else n + int(momentum**n > remaining)
 
 # --- The toolkit: diagnose and recalibrate your own model (README, "Your own model") ---------
 _EMPTY = "the data yielded no batch (an empty array, dataset, generator or PyDataset)"
@@ -474,14 +472,25 @@ def _size(x) -> int:
         raise TypeError(f"a batch is {type(x).__name__}, not arrays with a batch axis: yield x")
     return int(leaves[0].shape[0])
 
+def _check_counts(optional: bool = True, **counts) -> None:
+    for name, value in counts.items():
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an integer, got {type(value).__name__}: pass labels"
+                            " with the data, as (x, y), or x alone")
+        if value < 1:
+            raise ValueError(f"{name}={value} must be at least 1")
+
 def _batches(data, batch_size, max_batches=None, max_samples=None):
     """``(x, samples)`` from arrays (cut into ``batch_size``), datasets, generators, PyDatasets."""
-    for name, value in (("batch_size", batch_size), ("max_batches", max_batches),
-                        ("max_samples", max_samples)):
-        if value is not None and int(value) < 1:
-            raise ValueError(f"{name}={value} must be at least 1")
+    _check_counts(batch_size=batch_size, max_batches=max_batches, max_samples=max_samples)
     unpack = keras.utils.unpack_x_y_sample_weight
     if isinstance(data, tf.data.Dataset):
+        if (int(data.cardinality()) == int(tf.data.INFINITE_CARDINALITY) and max_batches is None
+                and max_samples is None):
+            raise ValueError("this tf.data.Dataset is infinite (repeat()): pass max_batches or "
+                             "max_samples")
         source = (unpack(element)[0] for element in data)
     elif isinstance(data, keras.utils.PyDataset):
         if data.num_batches is None and max_batches is None and max_samples is None:
@@ -506,6 +515,8 @@ def _batches(data, batch_size, max_batches=None, max_samples=None):
             return
         samples = _size(x)
         if max_samples is not None and used + samples > int(max_samples):
+            if int(max_samples) - used == 1 and used:  # the cut would leave a batch of one
+                return
             samples = int(max_samples) - used
             x = keras.tree.map_structure(lambda a: a[:samples], x)
         if samples:
@@ -516,29 +527,32 @@ def _batches(data, batch_size, max_batches=None, max_samples=None):
 
 @contextlib.contextmanager
 def _others_in_inference_mode(model):
-    """Run every leaf layer but BatchNormalization in inference mode (dropout, noise, ...)."""
+    """Run every layer without BatchNormalization inside in inference mode (dropout, noise...)."""
     missing, wrapped, seen = object(), [], set()
     stack = list(getattr(model, "_layers", None) or ())
     while stack:
         layer = stack.pop()
-        if id(layer) in seen:
+        if id(layer) in seen or isinstance(layer, keras.layers.BatchNormalization):
             continue
         seen.add(id(layer))
-        children = getattr(layer, "_layers", None) or ()
-        stack += list(children)
-        if children or isinstance(layer, keras.layers.BatchNormalization):
-            continue
-        with contextlib.suppress(TypeError, ValueError):  # ValueError: no training argument
+        holds_bn = any(isinstance(sub, keras.layers.BatchNormalization)
+                       for sub in layer._flatten_layers(include_self=False))
+        try:  # ValueError: no training argument
             position = list(inspect.signature(layer.call).parameters).index("training")
-            previous, inner = vars(layer).get("call", missing), layer.call
-            def call(*args, _inner=inner, _at=position, **kwargs):
-                if len(args) > _at:
-                    args = args[:_at] + (False,) + args[_at + 1:]
-                else:
-                    kwargs["training"] = False
-                return _inner(*args, **kwargs)
-            layer.call = call
-            wrapped.append((layer, call, previous))
+        except (TypeError, ValueError):
+            position = None
+        stack += list(getattr(layer, "_layers", None) or ())
+        if holds_bn or position is None:
+            continue
+        previous, inner = vars(layer).get("call", missing), layer.call
+        def call(*args, _inner=inner, _at=position, **kwargs):
+            if len(args) > _at:
+                args = args[:_at] + (False,) + args[_at + 1:]
+            else:
+                kwargs["training"] = False
+            return _inner(*args, **kwargs)
+        layer.call = call
+        wrapped.append((layer, call, previous))
     try:
         yield
     finally:
@@ -567,7 +581,7 @@ def _passes(model, data, batch_size, max_batches, max_samples, where, spread=Fal
                 raise ValueError(f"{where}: the model cannot take this data (a batch of shape "
                                  f"{_describe(x)}{expected}; batch a tf.data.Dataset, several "
                                  f"inputs as a list or dict): {type(error).__name__}: "
-                                 f"{str(error).strip().splitlines()[0]}") from error
+                                 f"{' '.join(str(error).split())[:600]}") from error
             for variable, value in state:  # every batch from the same state (renorm's too)
                 variable.assign(value)
             for path, moments in ((p, m) for p, calls in records.items() for m in calls):
@@ -590,10 +604,8 @@ def _never_updated(layer) -> bool:
 
 @dataclass
 class LayerGap:
-    """A ``diagnose_batchnorm`` row; channel medians ``batch_var``, ``moving_var``, ``shift``
-    (``|moving mean - mean|`` in standard deviations), ``log_var_gap``, and their standard errors
-    ``noise_shift`` / ``noise_log_var`` (sampling noise); ``samples``, ``batches``; ``frozen``
-    (inference mode in ``fit``), ``never_updated`` (exactly 0 and 1). Notebook 03, section 5."""
+    """A ``diagnose_batchnorm`` row: channel medians of the statistics, the gaps and their noise
+    (standard errors), and how many channels lie far off. Notebook 03, section 5."""
     index: int
     name: str
     channels: int
@@ -610,6 +622,7 @@ class LayerGap:
     never_updated: bool = False
     finite: bool = True
     var_ratio: float = 1.0  # median of (moving var + eps) / (var + eps): 1 is right
+    channels_off: int = 0  # channels beyond twice their threshold (a tenth of them flags)
 
     @property
     def in_fit(self) -> str:
@@ -622,12 +635,11 @@ class LayerGap:
         return ("not finite" if not self.finite else "ok" if not self.flagged else "frozen, stale"
                 if self.frozen else "never updated" if self.never_updated else "mismatch")
 
-def diagnose_batchnorm(model, data, shift_tol: float = 0.2, ratio_tol: float = 1.5, *,
+def diagnose_batchnorm(model, data, *, shift_tol: float = 0.2, ratio_tol: float = 1.5,
                        batch_size: int = 32, max_samples: int = 1024,
                        max_batches: int | None = None, noise: float = 2.0) -> list[LayerGap]:
     """``LayerGap`` rows, per BatchNormalization layer ``data`` reaches: moving statistics against
-    the data's in ``fit`` (arrays cut into ``batch_size``, up to ``max_samples``), flagged beyond
-    ``shift_tol`` / ``ratio_tol`` and ``noise`` standard errors of the gap; state restored.
+    ``fit``'s batch statistics (README, "How much data a verdict needs"); state restored.
     ``ValueError``: unbuilt, no BN, bad tolerances or data, batch of one. Notebook 03, section 5."""
     if ratio_tol < 1 or shift_tol < 0 or noise < 0:
         raise ValueError(f"ratio_tol={ratio_tol} must be >= 1, shift_tol={shift_tol} and "
@@ -643,7 +655,7 @@ def diagnose_batchnorm(model, data, shift_tol: float = 0.2, ratio_tol: float = 1
         raise ValueError("diagnose_batchnorm: pass 2+ samples, to tell a gap from sampling noise")
     rows = []
     for path, layer in [(p, layer) for p, layer in layers.items() if p in calls]:
-        seen = calls[path]
+        seen = [m for m in calls[path] if m.training] or calls[path]  # fit's calls, if any
         mean = np.mean([m.mean for m in seen], axis=0)  # what the moving average estimates
         var = np.mean([m.var for m in seen], axis=0)
         moving_mean, moving_var = (np.asarray(v.numpy(), np.float64)
@@ -662,19 +674,28 @@ def diagnose_batchnorm(model, data, shift_tol: float = 0.2, ratio_tol: float = 1
         # the gap's standard error: the reference averages len(seen) calls, and a converged
         # moving average keeps a share (1 - m) / (1 + m) of one batch's variance
         widen = np.sqrt(1 / len(seen) + (1 - layer.momentum) / (1 + layer.momentum))
-        med = {k: float(np.median(v)) for k, v in zip(
+        per_channel = dict(zip(
             ("batch_var", "moving_var", "shift", "log_var_gap", "noise_shift", "noise_log_var"),
             (var, moving_var, np.abs(moving_mean - mean) / std, np.abs(log_variance_ratio(
-                moving_var, var, eps)), widen * scatter_m / std, widen * scatter_v / (var + eps)))}
+                moving_var, var, eps)), widen * scatter_m / std, widen * scatter_v / (var + eps))))
+        med = {k: float(np.median(v)) for k, v in per_channel.items()}
         med["var_ratio"] = float(np.median(np.exp(log_variance_ratio(moving_var, var, eps))))
-        finite = bool(np.isfinite(moving_mean).all() and np.isfinite(moving_var).all()
-                      and np.isfinite(mean).all() and np.isfinite(var).all())
+        weights = [w.numpy() for w in (layer.gamma, layer.beta) if w is not None]
+        finite = bool(all(np.isfinite(a).all() for a in [moving_mean, moving_var, mean, var,
+                                                          *weights]))
+        with np.errstate(divide="ignore", invalid="ignore"):  # per channel: times its threshold
+            excess = np.nan_to_num(np.maximum(
+                per_channel["shift"] / np.maximum(shift_tol, noise * per_channel["noise_shift"]),
+                per_channel["log_var_gap"]
+                / np.maximum(np.log(ratio_tol), noise * per_channel["noise_log_var"])))
         flagged = (med["shift"] > max(shift_tol, noise * med["noise_shift"]) or not finite
-                   or med["log_var_gap"] > max(np.log(ratio_tol), noise * med["noise_log_var"]))
+                   or med["log_var_gap"] > max(np.log(ratio_tol), noise * med["noise_log_var"])
+                   or np.quantile(excess, 0.9) > 2)  # a tenth of the channels far off
         rows.append(LayerGap(index=len(rows), name=path, channels=int(mean.shape[0]), **med,
                              flagged=bool(flagged), samples=samples, batches=batches,
-                             frozen=any(m.training is False for m in seen) or not layer.trainable,
-                             never_updated=_never_updated(layer), finite=finite))
+                             frozen=all(m.training is False for m in seen) or not layer.trainable,
+                             never_updated=_never_updated(layer), finite=finite,
+                             channels_off=int(np.sum(excess > 2))))
     return rows
 
 def gaps_table_html(rows: list[LayerGap], max_rows: int | None = None):
@@ -683,18 +704,19 @@ def gaps_table_html(rows: list[LayerGap], max_rows: int | None = None):
         raise TypeError(f"need the rows of utils.diagnose_batchnorm(model, x), not {type(rows)}")
     shown = list(rows)[:max_rows] if max_rows is not None else list(rows)
     body = [[r.index, r.name, r.channels, r.in_fit, r.batch_var, r.moving_var, r.log_var_gap,
-             r.noise_log_var, r.shift, r.noise_shift, _Bold(r.verdict) if r.flagged else r.verdict]
-            for r in shown]
+             r.noise_log_var, r.shift, r.noise_shift, r.channels_off,
+             _Bold(r.verdict) if r.flagged else r.verdict] for r in shown]
     if len(shown) < len(rows):
-        body.append(["...", f"{len(rows) - len(shown)} more layers"] + [""] * 9)
+        body.append(["...", f"{len(rows) - len(shown)} more layers"] + [""] * 10)
     verdicts = [r.verdict for r in rows if r.flagged]
     counts = ", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts))
     samples = f"{rows[0].samples} samples in {rows[0].batches} batches" if rows else "no data"
     caption = (f"{len(verdicts)} of {len(rows)} BatchNormalization layers flagged"
                f"{': ' + counts if counts else ''} ({samples}). Medians over channels; noise: "
-               "the gap's standard error from sampling; flagged beyond twice it and the tolerance")
+               "the gap's standard error from sampling; flagged beyond twice it and the tolerance,"
+               " or when a tenth of the channels (far off) lie beyond twice that")
     return html_table(["#", "layer", "ch", "in fit", "batch var", "moving var", "|log ratio|",
-                       "noise", "shift", "noise", "verdict"], body, caption)
+                       "noise", "shift", "noise", "far off", "verdict"], body, caption)
 
 _FROZEN = "frozen (trainable=False): inference mode in fit too; include_frozen=True updates it"
 _NEVER = ("never updated (moving statistics exactly 0 and 1): it normalized with them in training "
@@ -715,14 +737,12 @@ def recalibrate_batchnorm(model, data, batch_size: int = 32, *, max_batches: int
                           max_samples: int | None = None, estimator: str = "population",
                           include_frozen: bool = False, include_never_updated: bool = False,
                           verbose: int = 0) -> Recalibration:
-    """Set the moving statistics to those of ``data`` as ``fit`` takes it (arrays cut into
-    ``batch_size``), weights fixed, other layers in inference mode (PreciseBN); ``estimator``:
-    ``"population"`` (pooled) or ``"batch_mean"``. Skipped, with reasons: frozen (unless
-    ``include_frozen``), never updated (unless ``include_never_updated``), unreached. Returns a
-    ``Recalibration``. ``ValueError``: bad arguments, unbuilt, nothing to update, empty data,
-    batches of one, NaN/Inf (nothing changes); ``TypeError``: unreadable data. Notebook 05."""
+    """Set the moving statistics to those of ``data`` in ``fit``'s batches, weights fixed (PreciseBN;
+    README, "Your own model"); returns a ``Recalibration``. ``ValueError`` / ``TypeError`` for bad
+    arguments or data, NaN/Inf, batches of one; nothing changes then. Notebook 05."""
     if estimator not in ("population", "batch_mean"):
         raise ValueError(f"estimator={estimator!r}; use 'population' or 'batch_mean'")
+    _check_counts(batch_size=batch_size, max_batches=max_batches, max_samples=max_samples)
     started = time.perf_counter()
     named = _built(model, "recalibrate")
     reasons = {p: _FROZEN for p, layer in named.items() if not (layer.trainable or include_frozen)}
@@ -781,6 +801,9 @@ class PreciseBN(keras.callbacks.Callback):
     before those callbacks. ``results``: one ``Recalibration`` per epoch. Notebook 06."""
     def __init__(self, data, max_samples: int = 1024, batch_size: int = 32, **options):
         super().__init__()
+        if hasattr(data, "__next__"):  # generators and iterators
+            raise TypeError("PreciseBN reads the data every epoch; a generator is used up after "
+                            "one pass: pass arrays, a tf.data.Dataset or a PyDataset")
         self.data, self.options, self.results = data, options, []
         self.options.update(max_samples=max_samples, batch_size=batch_size)
         self._in_fit = self._done = False
@@ -805,6 +828,7 @@ class PreciseBN(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._in_fit = False
+        self.set_model(None)  # a kept callback must not keep the model in memory
 
 # --- Notebooks 06-07: mini-batches -----------------------------------------------------------
 def draw_patterns(count: int, size: int = 16, noise: float = 1.0, offset: float = 0.0,
@@ -866,10 +890,7 @@ def per_batch_statistics(model, images: np.ndarray, batch_size: int) -> dict[str
     """``path -> [Moments]``, one per consecutive batch in training mode; the model unchanged.
     ``TypeError`` / ``ValueError``: bad ``batch_size``, no images or BN layer. Notebook 06."""
     images = np.asarray(images)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise TypeError(f"batch_size must be an integer, got {batch_size!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    _check_counts(False, batch_size=batch_size)
     if images.ndim == 0 or len(images) == 0:
         raise ValueError(f"images is empty (shape {images.shape}): need at least one image")
     _built(model, "record batch statistics of")

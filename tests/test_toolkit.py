@@ -536,3 +536,113 @@ def test_never_updated_layer_is_flagged_with_or_without_a_ragged_last_batch():
         (row,) = utils.diagnose_batchnorm(model, data, **options)  # {}: 32, 32, 32 and 4
         assert row.verdict == "never updated", (options, row)
         assert row.shift > 0.5 and row.log_var_gap > 0.4
+
+
+# ---------------------------------------------------------------------------
+# A learner's bug reports: a few channels far off, arguments by analogy with fit, cut tails,
+# infinite pipelines, one-shot iterators, NaN weights, noise in a custom block, a shared layer
+# ---------------------------------------------------------------------------
+
+
+def _tabular_bn(x):
+    """BatchNormalization on raw features, its statistics set to the data's but for 3 of 10."""
+    model = keras.Sequential([keras.Input((10,)), L.BatchNormalization(name="bn_in"), L.Dense(1)])
+    mean, var = x.mean(axis=0), x.var(axis=0)
+    bn = model.get_layer("bn_in")
+    bn.moving_mean.assign((mean - np.r_[3.0, 2.0, 1.5, [0.0] * 7] * np.sqrt(var)).astype("f4"))
+    bn.moving_variance.assign(var.astype("f4"))
+    return model
+
+
+def test_a_few_channels_far_off_are_flagged_though_the_median_is_fine():
+    x = np.random.default_rng(1).normal(5.0, 2.0, (1024, 10)).astype("float32")
+    (row,) = utils.diagnose_batchnorm(_tabular_bn(x), x)
+    assert row.shift < 0.2 and row.log_var_gap < np.log(1.5)  # the median channel is fine
+    assert row.flagged and row.channels_off == 3 and row.verdict == "mismatch"
+
+
+def test_tolerances_are_keyword_only_and_batch_sizes_integers():
+    x = np.random.default_rng(2).normal(0, 1, (64, 10)).astype("float32")
+    model = _tabular_bn(x)
+    with pytest.raises(TypeError, match="positional"):
+        utils.diagnose_batchnorm(model, x, 32)
+    y = np.zeros((64, 1), "float32")
+    for call in (lambda: utils.recalibrate_batchnorm(model, x, y),
+                 lambda: utils.recalibrate_batchnorm(model, x, batch_size=32.5)):
+        before = _variables(model)
+        with pytest.raises(TypeError, match="batch_size must be an integer.*\\(x, y\\)"):
+            call()
+        _assert_all_variables_equal(model, before)
+
+
+def test_the_max_samples_cut_leaves_no_batch_of_one():
+    x = np.random.default_rng(3).normal(0, 1, (2000, 10)).astype("float32")
+    model = _tabular_bn(x)
+    rows = utils.diagnose_batchnorm(model, x, batch_size=33)  # 1024 = 31 * 33 + 1
+    assert rows[0].samples == 1023
+    dataset = tf.data.Dataset.from_tensor_slices(x).batch(31)
+    assert utils.recalibrate_batchnorm(model, dataset, max_samples=1024).samples == 1023
+
+
+def test_an_infinite_dataset_needs_a_limit_and_precise_bn_refuses_generators():
+    x = np.random.default_rng(4).normal(0, 1, (64, 10)).astype("float32")
+    model = _tabular_bn(x)
+    endless = tf.data.Dataset.from_tensor_slices(x).batch(16).repeat()
+    with pytest.raises(ValueError, match="infinite.*max_batches or max_samples"):
+        utils.recalibrate_batchnorm(model, endless)
+    assert utils.recalibrate_batchnorm(model, endless, max_batches=3).batches == 3
+    with pytest.raises(TypeError, match="used up after one pass"):
+        utils.PreciseBN(iter([x[:16], x[16:32]]))
+
+
+def test_non_finite_gamma_or_beta_is_never_ok():
+    x = np.random.default_rng(5).normal(0, 1, (64, 10)).astype("float32")
+    model = _tabular_bn(x)
+    bn = model.get_layer("bn_in")
+    bn.moving_mean.assign(x.mean(axis=0))
+    bn.beta.assign(np.full(10, np.nan, "float32"))
+    (row,) = utils.diagnose_batchnorm(model, x)
+    assert not row.finite and row.verdict == "not finite"
+
+
+class _NoisyBlock(L.Layer):
+    """A custom block without BatchNormalization inside that adds noise in training."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = L.Dense(8)
+
+    def call(self, x, training=None):
+        h = self.dense(x)
+        return h + keras.random.normal(keras.ops.shape(h), stddev=3.0) if training else h
+
+
+def test_a_custom_block_runs_in_inference_mode_during_recalibration():
+    x = np.random.default_rng(6).normal(0, 1, (512, 6)).astype("float32")
+    inputs = keras.Input((6,))
+    block = _NoisyBlock()
+    model = keras.Model(inputs, L.BatchNormalization(name="bn")(block(inputs)))
+    result = utils.recalibrate_batchnorm(model, x, include_never_updated=True)
+    served = _np(block.dense(x))
+    np.testing.assert_allclose(result.statistics["bn"].var, served.var(axis=0), rtol=1e-4)
+
+
+class _SharedBN(keras.Model):
+    """One BatchNormalization layer called in fit's mode on one branch, in inference on the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = L.BatchNormalization(name="shared_bn")
+
+    def call(self, x, training=None):
+        return self.bn(x, training=training) + self.bn(x * 3.0, training=False)
+
+
+def test_a_shared_layer_trained_on_one_branch_is_diagnosed_as_fit_trains_it():
+    x = np.random.default_rng(7).normal(2.0, 1.0, (256, 4)).astype("float32")
+    model = _SharedBN()
+    model(x[:2])
+    (row,) = utils.diagnose_batchnorm(model, x)
+    assert not row.frozen and row.flagged  # fit trains it; only fit's calls make the reference
+    per_batch = np.mean([x[i:i + 32].var(axis=0) for i in range(0, 256, 32)], axis=0)
+    np.testing.assert_allclose(row.batch_var, np.median(per_batch), rtol=1e-4)

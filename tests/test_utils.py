@@ -1028,14 +1028,16 @@ def test_weight_steps_measures_each_update(tiny, data):
 
 
 def test_updates_needed():
-    assert utils.updates_needed(0.99) == 459
-    assert utils.updates_needed(0.9) == 44
+    assert utils.updates_needed(0.99, 0.01) == 459
+    assert utils.updates_needed(0.9, 0.01) == 44
     assert utils.updates_needed(0.5, 0.25) == 2  # 0.5**2 is exactly 0.25
+    assert utils.updates_needed(0.99, 1.0) == utils.updates_needed(0.99, np.inf) == 0
     for m in (0.5, 0.9, 0.99, 0.999):
-        n = utils.updates_needed(m)
-        assert m**n <= 0.01 < m ** (n - 1)
-    for bad in ((1.0, 0.01), (0.0, 0.01), (0.9, 1.0), (0.9, 0.0)):
-        with pytest.raises(ValueError, match="between 0 and 1"):
+        for remaining in (0.01, 6.7e-4, 0.5):
+            n = utils.updates_needed(m, remaining)
+            assert m**n <= remaining < m ** (n - 1)
+    for bad in ((1.0, 0.01), (0.0, 0.01), (0.9, 0.0), (0.9, -1.0)):
+        with pytest.raises(ValueError, match="0 < momentum < 1"):
             utils.updates_needed(*bad)
 
 

@@ -153,7 +153,7 @@ def test_per_batch_statistics_rejects_bad_arguments():
     two = np.zeros((2, 8, 8, 1), np.float32)
     with pytest.raises(ValueError, match="images is empty"):
         utils.per_batch_statistics(model, np.zeros((0, 8, 8, 1), np.float32), 4)
-    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="batch_size=0 must be at least 1"):
         utils.per_batch_statistics(model, two, 0)
     for bad in (2.5, "4", None):
         with pytest.raises(TypeError, match="batch_size must be an integer"):
