@@ -459,8 +459,8 @@ def updates_needed(momentum: float, remaining: float) -> int:
                          " remaining > 0")
     if remaining >= 1.0:
         return 0
-    n = max(0, int(np.ceil(np.log(remaining) / np.log(momentum))))  # then fix float rounding
-    return n - 1 if n and momentum ** (n - 1) <= remaining else n + int(momentum**n > remaining)
+    n = int(np.ceil(np.log(remaining) / np.log(momentum)))  # at least 1; fix float rounding
+    return n - 1 if momentum ** (n - 1) <= remaining else n + int(momentum**n > remaining)
 
 # --- The toolkit: diagnose and recalibrate your own model (README, "Your own model") ---------
 _EMPTY = "the data yielded no batch (an empty array, dataset, generator or PyDataset)"
