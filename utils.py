@@ -197,27 +197,6 @@ class StopWhenMemorised(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         self.set_model(None)  # a kept callback must not keep the model in memory
 
-class WeightSteps(keras.callbacks.Callback):
-    """``steps[k]``: mean ``|w after epoch k+1 - w before it|`` over every trainable value; keeps
-    one float32 copy of the weights while training. Notebook 04."""
-    def __init__(self):
-        super().__init__()
-        self.steps, self._previous = [], None
-
-    def on_train_begin(self, logs=None):
-        self._previous = [v.numpy() for v in self.model.trainable_variables]
-
-    def on_epoch_end(self, epoch, logs=None):
-        current = [v.numpy() for v in self.model.trainable_variables]
-        moved = sum(float(np.abs(c.astype(np.float64) - p).sum())
-                    for c, p in zip(current, self._previous))
-        self.steps.append(moved / max(sum(c.size for c in current), 1))
-        self._previous = current
-
-    def on_train_end(self, logs=None):
-        self._previous = None
-        self.set_model(None)
-
 def release_memory() -> None:
     """Free what Keras, Python and glibc hold of deleted models. Notebook 02."""
     keras.backend.clear_session()
@@ -330,6 +309,23 @@ def _moments_of(layer, inputs, mask, training, spread=False) -> Moments:
     return Moments(numpy(mean), numpy(var), count, bool(training) and bool(layer.trainable),
                    numpy(mean_se), numpy(var_se))
 
+def _spy(path, layer, records, recording, spread):
+    """``layer.call``, recording its inputs' moments in ``records[path]`` while ``recording``."""
+    inner = layer.call
+    @functools.wraps(inner)  # Keras and error messages see the layer's own signature
+    def spy(*args, **kwargs):
+        inputs = args[0] if args else kwargs.get("inputs")
+        if recording["active"] and not isinstance(inputs, keras.KerasTensor):
+            if not tf.executing_eagerly():
+                raise RuntimeError(f"layer {path!r} was called in a traced graph, which hides its "
+                                   "inputs: run the model eagerly (compile with run_eagerly=True, "
+                                   "and no tf.function around the model or its call)")
+            training = kwargs.get("training", args[1] if len(args) > 1 else None)
+            mask = kwargs.get("mask", args[2] if len(args) > 2 else None)
+            records[path].append(_moments_of(layer, inputs, mask, training, spread))
+        return inner(*args, **kwargs)
+    return spy
+
 @contextlib.contextmanager
 def recording_batchnorm_inputs(model, spread: bool = False) -> Iterator[dict[str, list[Moments]]]:
     """Yield ``path -> [Moments]``, one per BatchNormalization call in the block (eager; traced:
@@ -339,18 +335,8 @@ def recording_batchnorm_inputs(model, spread: bool = False) -> Iterator[dict[str
     recording, missing, wrapped = {"active": True}, object(), []
     try:
         for path, layer in layers.items():
-            previous, inner = vars(layer).get("call", missing), layer.call
-            def spy(*args, _path=path, _layer=layer, _inner=inner, **kwargs):
-                inputs = args[0] if args else kwargs.get("inputs")
-                if recording["active"] and not isinstance(inputs, keras.KerasTensor):
-                    if not tf.executing_eagerly():
-                        raise RuntimeError(f"layer {_path!r} was called in a traced graph, which "
-                                           "hides its inputs: compile with run_eagerly=True")
-                    training = kwargs.get("training", args[1] if len(args) > 1 else None)
-                    mask = kwargs.get("mask", args[2] if len(args) > 2 else None)
-                    records[_path].append(_moments_of(_layer, inputs, mask, training, spread))
-                return _inner(*args, **kwargs)
-            layer.call = spy
+            previous = vars(layer).get("call", missing)
+            layer.call = spy = _spy(path, layer, records, recording, spread)
             wrapped.append((layer, spy, previous))
         _OPEN_RECORDINGS.append(recording)
         yield records
@@ -525,6 +511,15 @@ def _batches(data, batch_size, max_batches=None, max_samples=None):
         if max_samples is not None and used >= int(max_samples):
             return
 
+def _in_inference_mode(inner, position):
+    """``inner`` with its ``training`` argument (at ``position``) forced to ``False``."""
+    @functools.wraps(inner)
+    def call(*args, **kwargs):
+        if len(args) > position:
+            args = args[:position] + (False,) + args[position + 1:]
+        return inner(*args, **(kwargs if len(args) > position else {**kwargs, "training": False}))
+    return call
+
 @contextlib.contextmanager
 def _others_in_inference_mode(model):
     """Run every layer without BatchNormalization inside in inference mode (dropout, noise...)."""
@@ -544,14 +539,8 @@ def _others_in_inference_mode(model):
         stack += list(getattr(layer, "_layers", None) or ())
         if holds_bn or position is None:
             continue
-        previous, inner = vars(layer).get("call", missing), layer.call
-        def call(*args, _inner=inner, _at=position, **kwargs):
-            if len(args) > _at:
-                args = args[:_at] + (False,) + args[_at + 1:]
-            else:
-                kwargs["training"] = False
-            return _inner(*args, **kwargs)
-        layer.call = call
+        previous = vars(layer).get("call", missing)
+        layer.call = call = _in_inference_mode(layer.call, position)
         wrapped.append((layer, call, previous))
     try:
         yield
@@ -804,8 +793,13 @@ class PreciseBN(keras.callbacks.Callback):
         if hasattr(data, "__next__"):  # generators and iterators
             raise TypeError("PreciseBN reads the data every epoch; a generator is used up after "
                             "one pass: pass arrays, a tf.data.Dataset or a PyDataset")
-        self.data, self.options, self.results = data, options, []
-        self.options.update(max_samples=max_samples, batch_size=batch_size)
+        self.options = dict(options, max_samples=max_samples, batch_size=batch_size)
+        try:  # bad options fail here, not after an epoch of training
+            inspect.signature(recalibrate_batchnorm).bind(None, None, **self.options)
+        except TypeError as error:
+            raise TypeError(f"PreciseBN takes recalibrate_batchnorm's options: {error}") from None
+        _check_counts(batch_size=batch_size, max_samples=max_samples)
+        self.data, self.results = data, []
         self._in_fit = self._done = False
 
     def _recalibrate(self):
@@ -813,6 +807,11 @@ class PreciseBN(keras.callbacks.Callback):
         self._done = True
 
     def on_train_begin(self, logs=None):
+        if getattr(self.model, "built", False):  # nothing to recalibrate: say so before training
+            frozen = self.options.get("include_frozen", False)
+            if not any(layer.trainable or frozen for layer in batchnorm_layers(self.model)):
+                raise ValueError("PreciseBN: no BatchNormalization layer it would recalibrate "
+                                 "(none, or all frozen: include_frozen=True updates those)")
         self._in_fit = True
 
     def on_epoch_begin(self, epoch, logs=None):

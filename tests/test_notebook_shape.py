@@ -10,6 +10,7 @@ import utils
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+DEEP_DIVES = sorted((ROOT / "notebooks" / "deep_dives").glob("*.ipynb"))
 REPOSITORY = "batchnorm-series/fit-vs-predict"  # the series' GitHub repository, owner/name
 BINDER_LINK = re.compile(r"https://mybinder\.org/v2/gh/[^)\s\"]+")
 
@@ -37,16 +38,68 @@ def test_there_are_numbered_notebooks():
     assert len(NOTEBOOKS) >= 5
 
 
+COST = re.compile(r"\*\*Cost:\*\* about \d+ s and \d+\.\d GB on a 2-core CPU; about \d+ s on Binder")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_top_title_badge_cost_and_reading(path):
+def test_first_screen_title_one_line_badge_cost_and_neighbours(path):
     top = markdown(path)[0]
     assert top.startswith(f"# {path.name[:2]} · "), "the first cell starts with the numbered title"
     links = BINDER_LINK.findall(top)
     assert links == [binder_url(f"notebooks/{path.name}")], "the badge opens this very notebook"
-    assert re.search(r"\*\*Needs:\*\* about \d+ s and \d+\.\d GB .* 2-core CPU", top), "time and memory"
-    assert "**Read first:**" in top
-    # the sentence on what you will see happen comes right after the title
-    assert len(top.split("\n\n")[1]) > 40
+    assert COST.search(top), "the cost in one line: seconds and memory on 2 cores, seconds on Binder"
+    assert top.split("\n\n")[1].startswith("You will see"), "what you will see happen, right after"
+    index = NOTEBOOKS.index(path)
+    if index > 0:
+        assert f"**Previous:** [" in top and f"]({NOTEBOOKS[index - 1].name})" in top
+    if index < len(NOTEBOOKS) - 1:
+        assert f"**Next:** [" in top and f"]({NOTEBOOKS[index + 1].name})" in top
+    assert len(top.split()) < 100, "the first screen stays short"
+
+
+@pytest.mark.parametrize("path", DEEP_DIVES, ids=lambda p: p.stem)
+def test_deep_dive_has_the_series_shape_and_links_both_ways(path):
+    top = markdown(path)[0]
+    assert top.startswith("# Deep dive · ")
+    assert BINDER_LINK.findall(top) == [binder_url(f"notebooks/deep_dives/{path.name}")]
+    assert COST.search(top)
+    assert top.split("\n\n")[1].startswith("You will see")
+    arises = re.findall(r"\*\*Arises in:\*\* \[[^]]+\]\(\.\./(\d\d_[^)]+\.ipynb)\)", top)
+    assert arises, "says where on the main path its question arises"
+    for name in arises:
+        origin = ROOT / "notebooks" / name
+        assert origin.exists(), f"broken link to {name}"
+        assert f"](deep_dives/{path.name})" in "\n".join(markdown(origin)), (
+            f"{name} links to the deep dive where its question arises")
+    sources = code(path)
+    assert "utils.setup()" in sources[0] and "print(utils.resources())" in sources[-1]
+    text = "\n".join(markdown(path))
+    assert "## Summary" in text and "## Exercises" in text
+    assert re.search(r"\*\*Back to:\*\* \[[^]]+\]\(\.\./\d\d_", markdown(path)[-1])
+
+
+def test_every_deep_dive_link_resolves():
+    assert DEEP_DIVES, "the side roads live in notebooks/deep_dives/"
+    for path in NOTEBOOKS:
+        for target in re.findall(r"\]\(deep_dives/([^)]+\.ipynb)\)", "\n".join(markdown(path))):
+            assert (ROOT / "notebooks" / "deep_dives" / target).exists(), f"{path.name}: {target}"
+
+
+def words(path):
+    """Words of Markdown outside collapsed <details> blocks (hints and solutions)."""
+    text = "\n".join(markdown(path))
+    return len(re.sub(r"<details>.*?</details>", " ", text, flags=re.S).split())
+
+
+MAIN_PATH = [p for p in NOTEBOOKS if p.name[:2] <= "05"]
+MAIN_PATH_WORDS, NOTEBOOK_WORDS = 7000, 1800
+
+
+def test_the_main_path_reads_in_one_sitting():
+    counts = {p.stem: words(p) for p in MAIN_PATH}
+    print("words per notebook:", counts, "total:", sum(counts.values()))
+    assert all(c <= NOTEBOOK_WORDS for c in counts.values()), f"over {NOTEBOOK_WORDS}: {counts}"
+    assert sum(counts.values()) <= MAIN_PATH_WORDS, f"main path over {MAIN_PATH_WORDS}: {counts}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -73,7 +126,7 @@ def test_summary_exercises_and_neighbour_links(path):
 def test_every_binder_link_uses_the_one_repository_definition():
     prefix = f"https://mybinder.org/v2/gh/{REPOSITORY}/HEAD"
     texts = {"README.md": (ROOT / "README.md").read_text(encoding="utf-8")}
-    texts.update({p.name: "\n".join(markdown(p)) for p in NOTEBOOKS})
+    texts.update({p.name: "\n".join(markdown(p)) for p in NOTEBOOKS + DEEP_DIVES})
     for name, text in texts.items():
         for link in BINDER_LINK.findall(text):
             assert link.startswith(prefix), f"{name}: {link} does not use REPOSITORY"

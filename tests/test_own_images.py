@@ -26,7 +26,8 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = [
     path
-    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    for path in [*sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")),
+                 *sorted((ROOT / "notebooks" / "deep_dives").glob("*.ipynb"))]
     if "utils.DATA_DIR" in path.read_text(encoding="utf-8")
 ]
 

@@ -216,3 +216,17 @@ def test_no_public_helper_serves_a_single_notebook_unless_it_is_the_toolkit():
              for name in _public_helpers()}
     lonely = sorted(n for n, used in users.items() if len(used) == 1 and n not in TOOLKIT)
     assert not lonely, f"used by one notebook only, so they belong in it: {lonely}"
+
+
+DEEP_DIVES = sorted((ROOT / "notebooks" / "deep_dives").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", DEEP_DIVES, ids=lambda p: p.stem)
+def test_a_deep_dive_uses_only_helpers_the_main_path_or_itself_introduces(path):
+    names = _public_names()
+    used = _used_names(path)
+    assert not used - names - {"py"}, f"{path.name} uses names utils lacks: {used - names}"
+    known = set(_first_introduction(names)) | _introduced_names(path, names)
+    assert not (used & names) - known, (
+        f"{path.name} uses utils.{', utils.'.join(sorted((used & names) - known))}, which neither "
+        "the main path nor the deep dive introduces")

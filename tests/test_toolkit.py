@@ -8,6 +8,8 @@ by hand), never from the helper under test. Each test takes a few seconds at mos
 model of the false-alarm tests is trained once per module (1000 updates, about 3 s).
 """
 
+import inspect
+
 import numpy as np
 import pytest
 
@@ -646,3 +648,45 @@ def test_a_shared_layer_trained_on_one_branch_is_diagnosed_as_fit_trains_it():
     assert not row.frozen and row.flagged  # fit trains it; only fit's calls make the reference
     per_batch = np.mean([x[i:i + 32].var(axis=0) for i in range(0, 256, 32)], axis=0)
     np.testing.assert_allclose(row.batch_var, np.median(per_batch), rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# Mistakes a learner makes, caught before any training or with the right hint
+# ---------------------------------------------------------------------------
+
+
+def test_precise_bn_refuses_bad_options_and_frozen_models_before_training():
+    x, y = _tabular(64)
+    with pytest.raises(TypeError, match="estimater"):
+        utils.PreciseBN(x, estimater="population")  # a typo: refused at once, not after an epoch
+    with pytest.raises(ValueError, match="batch_size=0"):
+        utils.PreciseBN(x, batch_size=0)
+    model = _dense_net()
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    for layer in utils.batchnorm_layers(model):
+        layer.trainable = False
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
+    before = _variables(model)
+    with pytest.raises(ValueError, match="include_frozen"):
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[utils.PreciseBN(x)])
+    _assert_all_variables_equal(model, before)  # not one step was taken
+    precise = utils.PreciseBN(x, max_samples=64, include_frozen=True)
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[precise])
+    assert int(precise.results[0]) == 2
+
+
+def test_wrapped_layers_keep_their_signature_and_a_traced_call_names_tf_function():
+    x, _ = _tabular(32)
+    model = _dense_net()
+    model(x[:2])
+    bn = model.get_layer("bn1")
+    with utils.recording_batchnorm_inputs(model):
+        parameters = inspect.signature(bn.call).parameters
+        assert "training" in parameters and not any(p.startswith("_") for p in parameters)
+        with pytest.raises(TypeError) as error:
+            bn.call(x[:2, :6], traning=True)  # a typo in the keyword
+        assert "_inner" not in str(error.value) and "_path" not in str(error.value)
+        with pytest.raises(RuntimeError, match="tf.function"):
+            tf.function(lambda batch: model(batch, training=True))(x[:4])
+    assert "call" not in vars(bn)  # restored

@@ -1011,22 +1011,6 @@ def test_diagnose_batch_size_default_and_minimum_samples(tiny, data):
         utils.diagnose_batchnorm(model, x[:1])
 
 
-def test_weight_steps_measures_each_update(tiny, data):
-    model, _ = tiny
-    x, y = data
-    utils.compile_model(model, learning_rate=0.01)
-    steps = utils.WeightSteps()
-    before = [v.numpy().copy() for v in model.trainable_variables]
-    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[steps])
-    after = [v.numpy() for v in model.trainable_variables]
-    expected = sum(np.abs(a - b).sum() for a, b in zip(after, before)) / sum(a.size for a in after)
-    assert steps.steps == [pytest.approx(expected, rel=1e-6)]
-    # Adam's first update moves every weight with a non-zero gradient by the learning rate.
-    assert 0 < steps.steps[0] <= 0.01 * 1.0001
-    model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[steps])
-    assert len(steps.steps) == 3 and steps.model is None
-
-
 def test_updates_needed():
     assert utils.updates_needed(0.99, 0.01) == 459
     assert utils.updates_needed(0.9, 0.01) == 44
