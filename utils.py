@@ -4,7 +4,7 @@ writes out first, and a toolkit for your own Keras model (``diagnose_batchnorm``
 
 from __future__ import annotations
 
-import contextlib, ctypes, functools, gc, html, inspect, os, re, time  # noqa: E401
+import contextlib, ctypes, functools, gc, html, inspect, os, re, sys, time  # noqa: E401
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -25,7 +25,7 @@ THREADS = 2
 #: Oldest versions the notebooks work with, and why (the toolkit itself needs only Keras 3).
 MIN_VERSIONS = {
     "tensorflow": ("2.16", "Keras 3 is the default from TensorFlow 2.16"),
-    "keras": ("3.14", "notebook 05 uses BatchNormalization(renorm=True), back in Keras 3.14"),
+    "keras": ("3.14", "the Batch Renorm deep dive uses renorm=True, back in Keras 3.14"),
     "pillow": ("10.0", "Image.Resampling.LANCZOS; Image.ANTIALIAS is gone from Pillow 10"),
 }
 ROOT = Path(__file__).resolve().parent
@@ -37,9 +37,8 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", re.match(r"[\d.]*", text).group()))
 
 def setup(seed: int = SEED, threads: int | None = THREADS) -> None:
-    """Check versions, seed everything, make ops deterministic, size both CPU pools ``threads``
-    (``None``: TensorFlow's; ``TF_NUM_INTRAOP_THREADS`` etc. win), print one line. ``RuntimeError``:
-    a package older than ``MIN_VERSIONS``, or pools already fixed (restart). Notebook 01."""
+    """Check versions, seed, deterministic ops, CPU pools of ``threads`` (``None``: TF's own; the
+    ``TF_NUM_*`` variables win); ``RuntimeError``: too old, pools already fixed. Notebook 01."""
     import PIL
     found = {"tensorflow": tf.__version__, "keras": keras.__version__, "pillow": PIL.__version__}
     old = [f"{name} {found[name]} is older than {low} ({why})"
@@ -72,11 +71,10 @@ def _pool_sizes() -> tuple:
 
 def resources() -> str:
     """Seconds since ``utils`` was imported and peak memory (``VmHWM``), one line. Notebook 01."""
-    peak = "unknown"
+    found = None
     with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                peak = f"{int(line.split()[1]) / 1024:.0f} MB"
+        found = re.search(r"VmHWM:\s*(\d+)", Path("/proc/self/status").read_text())
+    peak = f"{int(found.group(1)) / 1024:.0f} MB" if found else "unknown"
     return f"this notebook took {time.perf_counter() - _IMPORTED_AT:.0f} s; peak memory {peak}"
 
 def html_table(header: list, rows: list, caption: str = ""):
@@ -164,7 +162,7 @@ def compile_model(model: keras.Model, learning_rate: float = 1e-3, *, run_eagerl
     return model
 
 def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """Fraction of rows whose arg-max is the one-hot label's; ``(N, classes)``. Notebook 03, section 1."""
+    """Share of rows ``(N, classes)`` whose arg-max is the one-hot label's. Notebook 03, sec. 1."""
     return float((np.argmax(probabilities, axis=1) == np.argmax(labels, axis=1)).mean())
 
 def loss_and_accuracy(outputs, labels: np.ndarray) -> tuple[float, float]:
@@ -183,17 +181,14 @@ class StopWhenMemorised(keras.callbacks.Callback):
     sets ``stopped_epoch``, ``memorised``. ``ValueError`` for ``min_epochs < 1``. Notebook 02."""
     def __init__(self, images: np.ndarray, labels: np.ndarray, min_epochs: int = 5):
         super().__init__()
-        if min_epochs < 1:
-            raise ValueError(f"min_epochs={min_epochs} must be at least 1")
+        _check_counts(False, min_epochs=min_epochs)
         self.images, self.labels, self.min_epochs = images, labels, int(min_epochs)
         self.stopped_epoch, self.memorised = 0, False
-
     def on_epoch_end(self, epoch, logs=None):
         self.stopped_epoch = epoch + 1
         if self.stopped_epoch >= self.min_epochs:
             self.memorised = memorised(self.model, self.images, self.labels)
             self.model.stop_training = self.memorised
-
     def on_train_end(self, logs=None):
         self.set_model(None)  # a kept callback must not keep the model in memory
 
@@ -231,11 +226,13 @@ def batchnorm_layers(model) -> list[keras.layers.BatchNormalization]:
     return list(named_batchnorm_layers(model).values())
 
 def _built(model, purpose: str, need_bn: bool = True) -> dict:
-    layers, name = named_batchnorm_layers(model), getattr(model, "name", model)
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(f"cannot {purpose}: the model comes first, got {type(model).__name__}")
+    layers, name = named_batchnorm_layers(model), model.name
     unbuilt = [p for p, layer in layers.items() if not layer.built]
     if not getattr(model, "built", True) or unbuilt:
-        which = f" (layers {unbuilt[:4]})" if unbuilt else ""
-        raise ValueError(f"cannot {purpose}: {name!r} is not built yet{which}, so it has no "
+        raise ValueError(f"cannot {purpose}: {name!r} is not built yet"
+                         f"{f' (layers {unbuilt[:4]})' if unbuilt else ''}, so it has no "
                          "moving statistics: call the model on one batch of your data first")
     if need_bn and not layers:
         raise ValueError(f"{name!r} has no BatchNormalization layer: nothing to {purpose}")
@@ -243,16 +240,14 @@ def _built(model, purpose: str, need_bn: bool = True) -> dict:
 
 @dataclass
 class Moments:
-    """Per-channel mean, biased variance (float64 ``(channels,)``) of one call's input or pooled,
-    ``count`` per channel, ``training`` (normalized with them), standard errors ``mean_se``,
-    ``var_se`` from the spread between samples (``None`` below 2). Notebook 03, section 5."""
+    """Per-channel float64 mean, biased variance, ``count``, ``training`` (normalized with them),
+    standard errors ``mean_se``, ``var_se`` (``None`` below 2 samples). Notebook 03, section 5."""
     mean: np.ndarray
     var: np.ndarray
     count: int
     training: bool | None = None
     mean_se: np.ndarray | None = field(default=None, repr=False)
     var_se: np.ndarray | None = field(default=None, repr=False)
-
     def merged(self, other: "Moments") -> "Moments":
         """Moments of both sets of values together (Chan et al.'s exact merge)."""
         n, delta = self.count + other.count, other.mean - self.mean
@@ -393,8 +388,7 @@ def set_moving_statistics(model, stats: dict[str, tuple[np.ndarray, np.ndarray]]
     """Write ``path -> (moving_mean, moving_variance)``, all checked first: ``KeyError`` for an
     unknown path, ``ValueError`` for a shape, non-finite value, negative variance. Notebook 05."""
     layers = _built(model, "set the moving statistics", need_bn=False)
-    missing = sorted(set(stats) - set(layers))
-    if missing:
+    if missing := sorted(set(stats) - set(layers)):
         raise KeyError(f"no BatchNormalization layer at {missing}; the model's: {list(layers)[:6]}")
     checked = {}
     for path, pair in stats.items():
@@ -459,28 +453,25 @@ def _size(x) -> int:
     return int(leaves[0].shape[0])
 
 def _check_counts(optional: bool = True, **counts) -> None:
-    for name, value in counts.items():
-        if value is None and optional:
-            continue
+    for name, value in ((n, v) for n, v in counts.items() if v is not None or not optional):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"{name} must be an integer, got {type(value).__name__}: pass labels"
-                            " with the data, as (x, y), or x alone")
+            hint = ": labels are not needed, pass x alone" if hasattr(value, "shape") else ""
+            raise TypeError(f"{name} must be an integer, got {type(value).__name__}{hint}")
         if value < 1:
             raise ValueError(f"{name}={value} must be at least 1")
 
 def _batches(data, batch_size, max_batches=None, max_samples=None):
     """``(x, samples)`` from arrays (cut into ``batch_size``), datasets, generators, PyDatasets."""
     _check_counts(batch_size=batch_size, max_batches=max_batches, max_samples=max_samples)
-    unpack = keras.utils.unpack_x_y_sample_weight
-    if isinstance(data, tf.data.Dataset):
-        if (int(data.cardinality()) == int(tf.data.INFINITE_CARDINALITY) and max_batches is None
-                and max_samples is None):
-            raise ValueError("this tf.data.Dataset is infinite (repeat()): pass max_batches or "
-                             "max_samples")
+    unpack, dataset = keras.utils.unpack_x_y_sample_weight, isinstance(data, tf.data.Dataset)
+    if max_batches is max_samples is None and (dataset and int(data.cardinality()) == int(
+            tf.data.INFINITE_CARDINALITY) or isinstance(data, keras.utils.PyDataset)
+            and data.num_batches is None):
+        raise ValueError("this tf.data.Dataset or PyDataset is infinite: pass max_batches or "
+                         "max_samples")
+    if dataset:
         source = (unpack(element)[0] for element in data)
     elif isinstance(data, keras.utils.PyDataset):
-        if data.num_batches is None and max_batches is None and max_samples is None:
-            raise ValueError("this PyDataset is infinite: pass max_batches or max_samples")
         source = (unpack(data[i])[0] for i in
                   (range(data.num_batches) if data.num_batches is not None else iter(int, 1)))
     elif isinstance(data, (np.ndarray, tf.Tensor, dict, list, tuple)) or keras.ops.is_tensor(data):
@@ -488,6 +479,12 @@ def _batches(data, batch_size, max_batches=None, max_samples=None):
                    for a in keras.tree.flatten(data)):
             raise TypeError(f"{type(data).__name__} data holds non-arrays; pass {_KINDS}")
         total = _size(data)
+        if {len(a) for a in keras.tree.flatten(data)} != {total}:
+            raise ValueError(f"the inputs' lengths differ: {_describe(data)}")
+        if max_samples is not None and total > max_samples:  # a random subset, the same each time
+            total = max_samples - (max_samples % int(batch_size or total) == 1 < max_samples)
+            keep = np.sort(np.random.default_rng(0).choice(_size(data), total, replace=False))
+            data = keras.tree.map_structure(lambda a: keras.ops.take(a, keep, axis=0), data)
         step = int(batch_size or total or 1)
         source = (keras.tree.map_structure(lambda a, s=s: a[s:s + step], data)
                   for s in range(0, total, step))
@@ -532,8 +529,11 @@ def _others_in_inference_mode(model):
         seen.add(id(layer))
         holds_bn = any(isinstance(sub, keras.layers.BatchNormalization)
                        for sub in layer._flatten_layers(include_self=False))
-        try:  # ValueError: no training argument
-            position = list(inspect.signature(layer.call).parameters).index("training")
+        try:  # ValueError: no training argument; after *args or keyword-only: a keyword
+            params = list(inspect.signature(layer.call).parameters.values())
+            position = [q.name for q in params].index("training")
+            if any(q.kind in (q.VAR_POSITIONAL, q.KEYWORD_ONLY) for q in params[:position + 1]):
+                position = sys.maxsize
         except (TypeError, ValueError):
             position = None
         stack += list(getattr(layer, "_layers", None) or ())
@@ -610,88 +610,96 @@ class LayerGap:
     frozen: bool = False
     never_updated: bool = False
     finite: bool = True
+    negative_var: bool = False  # a moving variance below 0 (written from outside)
     var_ratio: float = 1.0  # median of (moving var + eps) / (var + eps): 1 is right
     channels_off: int = 0  # channels beyond twice their threshold (a tenth of them flags)
-
-    @property
-    def in_fit(self) -> str:
-        """``"frozen"`` (inference mode in ``fit`` too) or ``"trains"``."""
-        return "frozen" if self.frozen else "trains"
-
+    #: ``"frozen"`` (inference mode in ``fit`` too) or ``"trains"``.
+    in_fit = property(lambda self: "frozen" if self.frozen else "trains")
     @property
     def verdict(self) -> str:
-        """``"not finite"``, ``"ok"``, ``"frozen, stale"``, ``"never updated"``, ``"mismatch"``."""
-        return ("not finite" if not self.finite else "ok" if not self.flagged else "frozen, stale"
-                if self.frozen else "never updated" if self.never_updated else "mismatch")
+        """"not finite", "negative variance", "ok", "frozen, stale", "never updated", "mismatch"."""
+        return ("not finite" if not self.finite else "negative variance" if self.negative_var
+                else "ok" if not self.flagged else "frozen, stale" if self.frozen
+                else "never updated" if self.never_updated else "mismatch")
 
 def diagnose_batchnorm(model, data, *, shift_tol: float = 0.2, ratio_tol: float = 1.5,
                        batch_size: int = 32, max_samples: int = 1024,
                        max_batches: int | None = None, noise: float = 2.0) -> list[LayerGap]:
-    """``LayerGap`` rows, per BatchNormalization layer ``data`` reaches: moving statistics against
-    ``fit``'s batch statistics (README, "How much data a verdict needs"); state restored.
-    ``ValueError``: unbuilt, no BN, bad tolerances or data, batch of one. Notebook 03, section 5."""
-    if ratio_tol < 1 or shift_tol < 0 or noise < 0:
+    """``LayerGap`` per BatchNormalization layer reached: moving against ``fit``'s batch statistics
+    (README, "Your own model"); state restored. ``ValueError``: bad model, input. Notebook 03."""
+    if not (1 <= ratio_tol < np.inf and 0 <= shift_tol < np.inf and 0 <= noise < np.inf):
         raise ValueError(f"ratio_tol={ratio_tol} must be >= 1, shift_tol={shift_tol} and "
-                         f"noise={noise} >= 0")
-    layers = _built(model, "diagnose")
-    calls, samples, batches = {}, 0, 0
+                         f"noise={noise} >= 0, all finite")
+    _check_counts(False, batch_size=batch_size)
+    layers, calls, samples, batches = _built(model, "diagnose"), {}, 0, 0
     for batches, size, records in _passes(model, data, batch_size, max_batches, max_samples,
                                           "diagnose_batchnorm", spread=True):
         samples += size
-        for path, moments in records.items():
-            calls.setdefault(path, []).extend(moments)
+        for path, moments in records.items():  # per pass, fit's calls if any
+            calls.setdefault(path, []).append([m for m in moments if m.training] or moments)
     if samples < 2:
         raise ValueError("diagnose_batchnorm: pass 2+ samples, to tell a gap from sampling noise")
+    if not calls:
+        raise ValueError("diagnose_batchnorm: the data reached no BatchNormalization layer")
     rows = []
     for path, layer in [(p, layer) for p, layer in layers.items() if p in calls]:
-        seen = [m for m in calls[path] if m.training] or calls[path]  # fit's calls, if any
-        mean = np.mean([m.mean for m in seen], axis=0)  # what the moving average estimates
-        var = np.mean([m.var for m in seen], axis=0)
-        moving_mean, moving_var = (np.asarray(v.numpy(), np.float64)
-                                   for v in (layer.moving_mean, layer.moving_variance))
-        eps = float(layer.epsilon)
-        std = np.sqrt(var + eps)
-        # scatter of one batch's statistics: within a batch (between its samples) and between
-        # batches, whichever is larger; the reference itself is a mean over len(seen) calls
-        within_m = [m.mean_se for m in seen if m.mean_se is not None]
-        within_v = [m.var_se for m in seen if m.var_se is not None]
-        scatter_m = np.sqrt(np.mean(np.square(within_m), axis=0)) if within_m else np.inf
-        scatter_v = np.sqrt(np.mean(np.square(within_v), axis=0)) if within_v else np.inf
-        if len(seen) > 1:
-            scatter_m = np.maximum(scatter_m, np.std([m.mean for m in seen], axis=0, ddof=1))
-            scatter_v = np.maximum(scatter_v, np.std([m.var for m in seen], axis=0, ddof=1))
-        # the gap's standard error: the reference averages len(seen) calls, and a converged
-        # moving average keeps a share (1 - m) / (1 + m) of one batch's variance
-        widen = np.sqrt(1 / len(seen) + (1 - layer.momentum) / (1 + layer.momentum))
-        per_channel = dict(zip(
-            ("batch_var", "moving_var", "shift", "log_var_gap", "noise_shift", "noise_log_var"),
-            (var, moving_var, np.abs(moving_mean - mean) / std, np.abs(log_variance_ratio(
-                moving_var, var, eps)), widen * scatter_m / std, widen * scatter_v / (var + eps))))
-        med = {k: float(np.median(v)) for k, v in per_channel.items()}
-        med["var_ratio"] = float(np.median(np.exp(log_variance_ratio(moving_var, var, eps))))
-        weights = [w.numpy() for w in (layer.gamma, layer.beta) if w is not None]
-        finite = bool(all(np.isfinite(a).all() for a in [moving_mean, moving_var, mean, var,
-                                                          *weights]))
-        with np.errstate(divide="ignore", invalid="ignore"):  # per channel: times its threshold
-            excess = np.nan_to_num(np.maximum(
-                per_channel["shift"] / np.maximum(shift_tol, noise * per_channel["noise_shift"]),
-                per_channel["log_var_gap"]
-                / np.maximum(np.log(ratio_tol), noise * per_channel["noise_log_var"])))
-        flagged = (med["shift"] > max(shift_tol, noise * med["noise_shift"]) or not finite
-                   or med["log_var_gap"] > max(np.log(ratio_tol), noise * med["noise_log_var"])
-                   or np.quantile(excess, 0.9) > 2)  # a tenth of the channels far off
-        rows.append(LayerGap(index=len(rows), name=path, channels=int(mean.shape[0]), **med,
-                             flagged=bool(flagged), samples=samples, batches=batches,
-                             frozen=all(m.training is False for m in seen) or not layer.trainable,
-                             never_updated=_never_updated(layer), finite=finite,
-                             channels_off=int(np.sum(excess > 2))))
+        k = len(calls[path][0])  # a layer called k times a pass (shared, TimeDistributed): per call
+        groups = ([[c[j] for c in calls[path]] for j in range(k)]
+                  if {len(c) for c in calls[path]} == {k} else [sum(calls[path], [])])
+        judged = [_judge(layer, seen, shift_tol, ratio_tol, noise) for seen in groups]
+        fields, _ = max(judged, key=lambda j: (j[0]["flagged"], j[1]))  # the worst call
+        rows.append(LayerGap(index=len(rows), name=path, samples=samples, batches=batches,
+                             never_updated=_never_updated(layer), **fields))
     return rows
+
+def _judge(layer, seen, shift_tol, ratio_tol, noise) -> tuple[dict, float]:
+    """``LayerGap`` fields and a score (> 1: beyond the thresholds): the moving statistics
+    against the mean of the ``seen`` calls' moments, as ``diagnose_batchnorm`` judges them."""
+    mean, var = (np.mean([getattr(m, k) for m in seen], axis=0) for k in ("mean", "var"))
+    moving_mean, moving_var = (np.asarray(v.numpy(), np.float64)
+                               for v in (layer.moving_mean, layer.moving_variance))
+    eps = float(layer.epsilon)
+    std = np.sqrt(var + eps)
+    # one batch's scatter: within it (between samples) or between batches, the larger
+    within_m = [m.mean_se for m in seen if m.mean_se is not None]
+    within_v = [m.var_se for m in seen if m.var_se is not None]
+    scatter_m = np.sqrt(np.mean(np.square(within_m), axis=0)) if within_m else np.inf
+    scatter_v = np.sqrt(np.mean(np.square(within_v), axis=0)) if within_v else np.inf
+    if len(seen) > 1:
+        scatter_m = np.maximum(scatter_m, np.std([m.mean for m in seen], axis=0, ddof=1))
+        scatter_v = np.maximum(scatter_v, np.std([m.var for m in seen], axis=0, ddof=1))
+    # the gap's standard error: the reference averages len(seen) calls; a converged moving
+    # average keeps a share (1 - m) / (1 + m) of one batch's variance
+    widen = np.sqrt(1 / len(seen) + (1 - layer.momentum) / (1 + layer.momentum))
+    per_channel = dict(zip(
+        ("batch_var", "moving_var", "shift", "log_var_gap", "noise_shift", "noise_log_var"),
+        (var, moving_var, np.abs(moving_mean - mean) / std, np.abs(log_variance_ratio(
+            moving_var, var, eps)), widen * scatter_m / std, widen * scatter_v / (var + eps))))
+    med = {k: float(np.median(v)) for k, v in per_channel.items()}
+    weights = [w.numpy() for w in (layer.gamma, layer.beta) if w is not None]
+    finite = all(np.isfinite(a).all() for a in [moving_mean, moving_var, mean, var, *weights])
+    with np.errstate(divide="ignore", invalid="ignore"):  # per channel: times its threshold
+        excess = np.nan_to_num(np.maximum(
+            per_channel["shift"] / np.maximum(shift_tol, noise * per_channel["noise_shift"]),
+            per_channel["log_var_gap"]
+            / np.maximum(np.log(ratio_tol), noise * per_channel["noise_log_var"])))
+        score = max(np.float64(med["shift"]) / max(shift_tol, noise * med["noise_shift"]),
+                    np.float64(med["log_var_gap"]) / max(np.log(ratio_tol),
+                                                         noise * med["noise_log_var"]),
+                    np.quantile(excess, 0.9) / 2)  # a tenth of the channels far off
+    negative = bool(np.any(moving_var < 0))  # written from outside: predict gives NaN
+    return dict(med, channels=len(mean), finite=bool(finite), negative_var=negative,
+                var_ratio=float(np.median(np.exp(log_variance_ratio(moving_var, var, eps)))),
+                flagged=bool(score > 1 or not finite or negative), channels_off=int(np.sum(
+                    excess > 2)), frozen=all(m.training is False for m in seen)
+                or not layer.trainable), float(np.nan_to_num(score, nan=np.inf))
 
 def gaps_table_html(rows: list[LayerGap], max_rows: int | None = None):
     """``diagnose_batchnorm`` rows as an ``html_table``, flagged verdicts in bold. Notebook 03."""
     if not isinstance(rows, (list, tuple)) or not all(isinstance(r, LayerGap) for r in rows):
         raise TypeError(f"need the rows of utils.diagnose_batchnorm(model, x), not {type(rows)}")
-    shown = list(rows)[:max_rows] if max_rows is not None else list(rows)
+    _check_counts(max_rows=max_rows)
+    shown = list(rows)[:max_rows]
     body = [[r.index, r.name, r.channels, r.in_fit, r.batch_var, r.moving_var, r.log_var_gap,
              r.noise_log_var, r.shift, r.noise_shift, r.channels_off,
              _Bold(r.verdict) if r.flagged else r.verdict] for r in shown]
@@ -708,9 +716,9 @@ def gaps_table_html(rows: list[LayerGap], max_rows: int | None = None):
                        "noise", "shift", "noise", "far off", "verdict"], body, caption)
 
 _FROZEN = "frozen (trainable=False): inference mode in fit too; include_frozen=True updates it"
-_NEVER = ("never updated (moving statistics exactly 0 and 1): it normalized with them in training "
-          "too (a loop without training=True?), so new statistics would change what the weights "
-          "were trained for; retrain with training=True, or include_never_updated=True")
+_NEVER = ("never updated (statistics exactly 0 and 1): if it trained in inference mode (a loop "
+          "without training=True), new statistics change what the weights learned: retrain; if "
+          "they were never set (a cloned or rebuilt model), include_never_updated=True")
 
 class Recalibration(int):
     """What ``recalibrate_batchnorm`` did: an ``int`` (layers updated) with ``statistics``,
@@ -719,21 +727,21 @@ class Recalibration(int):
         return (f"Recalibration({int(self)} layers updated from {self.samples} samples in "
                 f"{self.batches} batches, estimator={self.estimator!r}, "
                 f"{len(self.skipped)} skipped)")
-
     __str__ = int.__repr__
 
 def recalibrate_batchnorm(model, data, batch_size: int = 32, *, max_batches: int | None = None,
                           max_samples: int | None = None, estimator: str = "population",
                           include_frozen: bool = False, include_never_updated: bool = False,
                           verbose: int = 0) -> Recalibration:
-    """Set the moving statistics to those of ``data`` in ``fit``'s batches, weights fixed (PreciseBN;
-    README, "Your own model"); returns a ``Recalibration``. ``ValueError`` / ``TypeError`` for bad
-    arguments or data, NaN/Inf, batches of one; nothing changes then. Notebook 05."""
+    """Moving statistics set to ``data``'s in ``fit``'s batches, weights fixed (PreciseBN): a
+    ``Recalibration``; ``ValueError``, ``TypeError`` (bad input, NaN): no change. Notebook 05."""
     if estimator not in ("population", "batch_mean"):
         raise ValueError(f"estimator={estimator!r}; use 'population' or 'batch_mean'")
-    _check_counts(batch_size=batch_size, max_batches=max_batches, max_samples=max_samples)
-    started = time.perf_counter()
-    named = _built(model, "recalibrate")
+    if not all(isinstance(f, bool) for f in (include_frozen, include_never_updated)):
+        raise TypeError("include_frozen and include_never_updated must be True or False")
+    _check_counts(False, batch_size=batch_size)
+    _check_counts(max_batches=max_batches, max_samples=max_samples)
+    started, named = time.perf_counter(), _built(model, "recalibrate")
     reasons = {p: _FROZEN for p, layer in named.items() if not (layer.trainable or include_frozen)}
     if not include_never_updated:
         reasons.update({p: _NEVER for p, layer in named.items()
@@ -743,41 +751,42 @@ def recalibrate_batchnorm(model, data, batch_size: int = 32, *, max_batches: int
         raise ValueError("no BatchNormalization layer to recalibrate: "
                          + "; ".join(f"{p!r}: {why}" for p, why in list(reasons.items())[:3]))
     thawed = [layer for layer in targets.values() if not layer.trainable]
-    arrays = isinstance(data, np.ndarray) and data.ndim and batch_size and not max_samples
+    arrays = isinstance(data, np.ndarray) and data.ndim and not max_samples
     total = min(-(-len(data) // int(batch_size)), max_batches or np.inf) if arrays else max_batches
-    progress = keras.utils.Progbar(total, verbose=verbose, unit_name="batch") if verbose else None
-    per_call, reached = {path: [] for path in targets}, set()
-    samples = batches = 0
-    try:
+    saved = [(v, v.numpy()) for layer in targets.values() for v in layer.non_trainable_variables]
+    rounds = 1 + sum(bool(getattr(layer, "renorm", False)) for layer in targets.values())
+    try:  # renorm's statistics shape what later layers receive in fit: a pass per renorm layer
         for layer in thawed:
             layer.trainable = True
-        for batches, size, records in _passes(model, data, batch_size, max_batches, max_samples,
-                                              "recalibrate_batchnorm"):
-            reached.update(records)
-            for path in per_call:
-                per_call[path] += [m for m in records.get(path, ()) if m.training]
-            samples += size
-            if progress is not None:
+        for _ in range(rounds):
+            progress = keras.utils.Progbar(total, verbose=verbose, unit_name="batch")
+            per_call, reached, samples, batches = {path: [] for path in targets}, set(), 0, 0
+            for batches, size, records in _passes(model, data, batch_size, max_batches,
+                                                  max_samples, "recalibrate_batchnorm"):
+                reached.update(records)
+                for path in per_call:
+                    per_call[path] += [m for m in records.get(path, ()) if m.training]
+                samples += size
                 progress.update(batches)
+            reasons.update({p: "the data never reached it" if p not in reached else "frozen by "
+                            "the model's call (training=False): inference mode in fit too"
+                            for p, calls in per_call.items() if not calls})
+            written = {p: _pooled(c) if estimator == "population" else Moments(
+                np.mean([m.mean for m in c], axis=0), np.mean([m.var for m in c], axis=0),
+                sum(m.count for m in c), True) for p, c in per_call.items() if c}
+            if not written:
+                raise ValueError("nothing to recalibrate, no layer normalized with batch "
+                                 "statistics: " + "; ".join(f"{p!r}: {why}" for p, why in
+                                                            list(reasons.items())[:3]))
+            for path, moments in written.items():
+                _assign_moving(targets[path], moments.mean, moments.var)
+    except BaseException:  # an error or an interrupt: nothing changed
+        for variable, value in saved:
+            variable.assign(value)
+        raise
     finally:
         for layer in thawed:
             layer.trainable = False
-    written = {}
-    for path, calls in per_call.items():
-        if not calls:
-            reasons[path] = ("the data never reached it" if path not in reached else "frozen "
-                             "by the model's call (training=False): inference mode in fit too")
-        elif estimator == "population":
-            written[path] = _pooled(calls)
-        else:
-            written[path] = Moments(np.mean([m.mean for m in calls], axis=0),
-                                    np.mean([m.var for m in calls], axis=0),
-                                    sum(m.count for m in calls), True)
-    if not written:
-        raise ValueError("nothing to recalibrate, no layer normalized with batch statistics: "
-                         + "; ".join(f"{p!r}: {why}" for p, why in list(reasons.items())[:3]))
-    for path, moments in written.items():
-        _assign_moving(targets[path], moments.mean, moments.var)
     result = Recalibration(len(written))
     vars(result).update(statistics=written, skipped=list(reasons), reasons=reasons,
                         samples=samples, batches=batches, estimator=estimator,
@@ -785,9 +794,8 @@ def recalibrate_batchnorm(model, data, batch_size: int = 32, *, max_batches: int
     return result
 
 class PreciseBN(keras.callbacks.Callback):
-    """``recalibrate_batchnorm`` on up to ``max_samples`` of ``data`` before each validation pass
-    (or at each epoch's end) of ``fit``, so validation and checkpoints judge the weights: list it
-    before those callbacks. ``results``: one ``Recalibration`` per epoch. Notebook 06."""
+    """``recalibrate_batchnorm`` on ``max_samples`` of ``data`` before each validation pass (else at
+    each epoch's end) of ``fit``; list it before checkpoints. ``results``: each. Notebook 06."""
     def __init__(self, data, max_samples: int = 1024, batch_size: int = 32, **options):
         super().__init__()
         if hasattr(data, "__next__"):  # generators and iterators
@@ -796,16 +804,15 @@ class PreciseBN(keras.callbacks.Callback):
         self.options = dict(options, max_samples=max_samples, batch_size=batch_size)
         try:  # bad options fail here, not after an epoch of training
             inspect.signature(recalibrate_batchnorm).bind(None, None, **self.options)
+            _check_counts(False, batch_size=batch_size)
+            _check_counts(max_samples=max_samples)
         except TypeError as error:
             raise TypeError(f"PreciseBN takes recalibrate_batchnorm's options: {error}") from None
-        _check_counts(batch_size=batch_size, max_samples=max_samples)
         self.data, self.results = data, []
         self._in_fit = self._done = False
-
     def _recalibrate(self):
         self.results.append(recalibrate_batchnorm(self.model, self.data, **self.options))
         self._done = True
-
     def on_train_begin(self, logs=None):
         if getattr(self.model, "built", False):  # nothing to recalibrate: say so before training
             frozen = self.options.get("include_frozen", False)
@@ -813,18 +820,14 @@ class PreciseBN(keras.callbacks.Callback):
                 raise ValueError("PreciseBN: no BatchNormalization layer it would recalibrate "
                                  "(none, or all frozen: include_frozen=True updates those)")
         self._in_fit = True
-
     def on_epoch_begin(self, epoch, logs=None):
         self._done = False
-
     def on_test_begin(self, logs=None):  # the validation pass inside fit
         if self._in_fit and not self._done:
             self._recalibrate()
-
     def on_epoch_end(self, epoch, logs=None):
         if not self._done:
             self._recalibrate()
-
     def on_train_end(self, logs=None):
         self._in_fit = False
         self.set_model(None)  # a kept callback must not keep the model in memory
@@ -832,9 +835,8 @@ class PreciseBN(keras.callbacks.Callback):
 # --- Notebooks 06-07: mini-batches -----------------------------------------------------------
 def draw_patterns(count: int, size: int = 16, noise: float = 1.0, offset: float = 0.0,
                   gain: float = 1.0, rng: np.random.Generator | None = None):
-    """``(images, labels)``, 4 balanced shuffled classes (horizontal, vertical, diagonal stripes,
-    blob): float32 ``(count, size, size, 1)`` ``gain * (pattern + noise) + offset``, one-hot
-    ``(count, 4)``; ``rng``: NumPy's by default. ``TypeError`` / ``ValueError``. Notebook 06."""
+    """``(images, labels)``: float32 ``(count, size, size, 1)``, ``gain * (pattern + noise) +
+    offset``, 4 shuffled classes (stripes: -, |, /; blob), one-hot ``(count, 4)``. Notebook 06."""
     for name, value, low in (("count", count, 1), ("size", size, 8), ("noise", noise, 0),
                              ("offset", offset, 0), ("gain", gain, 0)):
         kinds = (int, np.integer) if low else (int, float, np.integer, np.floating)
@@ -865,11 +867,10 @@ def build_small_cnn(size: int = 16, num_classes: int = 4, momentum: float = 0.99
                     seed: int = SEED, prefix: str = "") -> keras.Model:
     """conv1-bn1-ReLU-conv2 (stride 2)-bn2-ReLU-pool-dense-bn3-ReLU-classes, seeded, uncompiled,
     names after ``prefix``; ``ValueError``: ``size < 8``, < 2 classes, bad momentum. Notebook 06."""
-    if size < 8 or num_classes < 2:
-        raise ValueError(f"size={size} must be at least 8 and num_classes={num_classes} at least 2")
-    if isinstance(momentum, bool) or not (isinstance(momentum, (int, float, np.floating))
-                                          and 0 <= momentum < 1):
-        raise ValueError(f"momentum={momentum!r}: need 0 <= momentum < 1 (PyTorch's 0.1 is 0.9)")
+    if size < 8 or num_classes < 2 or isinstance(momentum, bool) or not (
+            isinstance(momentum, (int, float, np.floating)) and 0 <= momentum < 1):
+        raise ValueError(f"size={size} (at least 8), num_classes={num_classes} (at least 2), "
+                         f"momentum={momentum!r} (0 <= momentum < 1; PyTorch's 0.1 is 0.9)")
     keras.utils.set_random_seed(seed)
     layers = keras.layers
     x = inputs = keras.Input((size, size, 1), name=f"{prefix}image")

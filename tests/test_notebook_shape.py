@@ -156,3 +156,13 @@ def test_binder_files_pin_the_environment():
     for line in (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines():
         if line.strip() and not line.startswith("#"):
             assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][^\s]*", line.strip()), f"not pinned: {line}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + DEEP_DIVES, ids=lambda p: p.stem)
+def test_every_check_is_at_most_four_lines(path):
+    """A `# Check` cell states its claim in comments and asserts it in at most 4 lines of code."""
+    for source in code(path):
+        if source.lstrip().startswith("# Check"):
+            lines = [line for line in source.splitlines()
+                     if line.strip() and not line.strip().startswith("#")]
+            assert len(lines) <= 4, f"{path.name}: a check of {len(lines)} lines:\n{source}"

@@ -569,10 +569,10 @@ def test_tolerances_are_keyword_only_and_batch_sizes_integers():
     with pytest.raises(TypeError, match="positional"):
         utils.diagnose_batchnorm(model, x, 32)
     y = np.zeros((64, 1), "float32")
-    for call in (lambda: utils.recalibrate_batchnorm(model, x, y),
-                 lambda: utils.recalibrate_batchnorm(model, x, batch_size=32.5)):
+    for call, hint in ((lambda: utils.recalibrate_batchnorm(model, x, y), "pass x alone"),
+                       (lambda: utils.recalibrate_batchnorm(model, x, batch_size=32.5), "float")):
         before = _variables(model)
-        with pytest.raises(TypeError, match="batch_size must be an integer.*\\(x, y\\)"):
+        with pytest.raises(TypeError, match=f"batch_size must be an integer.*{hint}"):
             call()
         _assert_all_variables_equal(model, before)
 
@@ -690,3 +690,145 @@ def test_wrapped_layers_keep_their_signature_and_a_traced_call_names_tf_function
         with pytest.raises(RuntimeError, match="tf.function"):
             tf.function(lambda batch: model(batch, training=True))(x[:4])
     assert "call" not in vars(bn)  # restored
+
+
+# ---------------------------------------------------------------------------
+# Models and pipelines a user wrote: custom signatures, shared layers, odd statistics
+# ---------------------------------------------------------------------------
+
+
+class _Gate(keras.layers.Layer):
+    """Adds its inputs, given as ``*inputs``: ``training`` can only come as a keyword."""
+
+    def call(self, *inputs, training=None):
+        return keras.ops.add(inputs[0], inputs[1])
+
+
+def test_a_layer_taking_star_inputs_keeps_its_second_input_during_recalibration():
+    rng = np.random.default_rng(3)
+    xa, xb = (rng.normal(0, 1, (64, 4)).astype("f4"), rng.normal(2, 3, (64, 4)).astype("f4"))
+    ia, ib = keras.Input((4,)), keras.Input((4,))
+    model = keras.Model([ia, ib], L.BatchNormalization(name="bn")(_Gate()(ia, ib)))
+    model([xa[:2], xb[:2]])
+    utils.recalibrate_batchnorm(model, [xa, xb], batch_size=16, include_never_updated=True)
+    np.testing.assert_allclose(model.get_layer("bn").moving_variance.numpy(),
+                               (xa + xb).astype("f8").var(axis=0), rtol=1e-4)
+
+
+def _two_branches(shared_bn):
+    ia, ib = keras.Input((4,)), keras.Input((4,))
+    return keras.Model([ia, ib], L.Concatenate()([shared_bn(ia), shared_bn(ib)]))
+
+
+def test_a_layer_shared_by_inputs_of_different_means_is_flagged_per_call():
+    rng = np.random.default_rng(4)
+    xa, xb = rng.normal(0, 1, (256, 4)).astype("f4"), rng.normal(10, 1, (256, 4)).astype("f4")
+    model = _two_branches(L.BatchNormalization(name="shared"))
+    model.compile(optimizer="adam", loss="mse")
+    model.fit([xa, xb], np.zeros((256, 8), "f4"), epochs=20, batch_size=32, verbose=0)
+    (row,) = utils.diagnose_batchnorm(model, [xa, xb])
+    assert row.verdict == "mismatch" and row.shift > 2  # the moving mean sits between the two
+
+
+def test_time_distributed_batchnorm_with_steps_of_different_means_is_flagged():
+    rng = np.random.default_rng(5)
+    x = rng.normal(0, 1, (256, 2, 4)).astype("f4") + np.array([0.0, 8.0], "f4")[None, :, None]
+    model = keras.Sequential([keras.Input((2, 4)), L.TimeDistributed(L.BatchNormalization())])
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, np.zeros_like(x), epochs=20, batch_size=32, verbose=0)
+    (row,) = utils.diagnose_batchnorm(model, x)
+    assert row.verdict == "mismatch"
+
+
+def test_a_negative_moving_variance_has_a_verdict_of_its_own():
+    x, _ = _tabular(256)
+    model = _dense_net()
+    model(x[:2])
+    bn = model.get_layer("bn1")
+    variance = np.full(6, 2.0, "f4")
+    variance[0] = -0.5  # one channel written from outside; the others twice too large
+    bn.moving_variance.assign(variance)
+    row = utils.diagnose_batchnorm(model, x)[0]
+    assert row.verdict == "negative variance" and row.flagged
+
+
+def test_max_samples_draws_from_all_of_an_array_sorted_by_class():
+    x, y = _tabular(1024)
+    order = np.argsort(y[:, 1], kind="stable")  # all of class 0 first, as folder order gives
+    model = _dense_net()
+    model(x[:2])
+    utils.recalibrate_batchnorm(model, x[order], batch_size=32, max_samples=256,
+                                include_never_updated=True)
+    subset = utils.moving_statistics(model)["bn1"]
+    utils.recalibrate_batchnorm(model, x, batch_size=32)
+    full = utils.moving_statistics(model)["bn1"]
+    assert np.all(np.abs(subset[0] - full[0]) < 0.3 * np.sqrt(full[1]))  # not one class only
+
+
+def test_renorm_layers_are_right_after_one_recalibration():
+    x, y = _tabular(256)
+    model = keras.Sequential([keras.Input((8,)), L.Dense(6), L.BatchNormalization(renorm=True),
+                              L.ReLU(), L.Dense(4), L.BatchNormalization(renorm=True),
+                              L.Dense(2, activation="softmax")])
+    _fit(model, x, y, epochs=1, batch_size=32)
+    utils.recalibrate_batchnorm(model, x, batch_size=32)
+    rows = utils.diagnose_batchnorm(model, x, max_samples=256)
+    assert not any(row.flagged for row in rows), rows
+
+
+def test_never_updated_statistics_of_a_clone_are_explained():
+    x, y = _tabular(128)
+    model = _fit(_dense_net(), x, y, epochs=2, batch_size=16)
+    clone = keras.models.clone_model(model)  # fresh statistics 0 and 1, weights set after
+    clone.set_weights([w if "moving" not in v.path else (np.zeros_like(w) if "mean" in v.path
+                       else np.ones_like(w)) for w, v in zip(model.get_weights(), model.weights)])
+    with pytest.raises(ValueError, match="cloned or rebuilt.*include_never_updated=True"):
+        utils.recalibrate_batchnorm(clone, x, batch_size=16)
+    assert utils.recalibrate_batchnorm(clone, x, batch_size=16, include_never_updated=True) == 2
+
+
+def test_bad_arguments_are_refused_with_a_clear_error():
+    x, _ = _tabular(64)
+    model = _dense_net()
+    model(x[:2])
+    before = _variables(model)
+    cases = [
+        (TypeError, "the model comes first", lambda: utils.diagnose_batchnorm(x, model)),
+        (ValueError, "all finite", lambda: utils.diagnose_batchnorm(model, x, shift_tol=np.nan)),
+        (ValueError, "all finite", lambda: utils.diagnose_batchnorm(model, x, noise=np.inf)),
+        (TypeError, "batch_size must be an integer",
+         lambda: utils.recalibrate_batchnorm(model, x, batch_size=None)),
+        (TypeError, "True or False",
+         lambda: utils.recalibrate_batchnorm(model, x, include_frozen="no")),
+        (ValueError, "lengths differ",
+         lambda: utils.recalibrate_batchnorm(keras.Model(
+             [i := keras.Input((8,)), j := keras.Input((8,))],
+             L.BatchNormalization()(L.Add()([i, j]))), [x[:32], x], batch_size=16,
+             include_never_updated=True)),
+        (ValueError, "max_rows=-1", lambda: utils.gaps_table_html(
+            utils.diagnose_batchnorm(model, x), max_rows=-1)),
+    ]
+    for error, message, call in cases:
+        with pytest.raises(error, match=message):
+            call()
+    _assert_all_variables_equal(model, before)
+
+
+class _Skips(keras.Model):
+    """Holds a built BatchNormalization layer that its call never uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense, self.bn = L.Dense(2), L.BatchNormalization()
+
+    def call(self, x, training=None):
+        return self.dense(x)
+
+
+def test_data_that_reaches_no_batchnorm_layer_is_refused():
+    x, _ = _tabular(32)
+    model = _Skips()
+    model(x[:2])
+    model.bn.build((None, 8))
+    with pytest.raises(ValueError, match="reached no BatchNormalization layer"):
+        utils.diagnose_batchnorm(model, x)
