@@ -4,7 +4,7 @@ writes out first, and a toolkit for your own Keras model (``diagnose_batchnorm``
 
 from __future__ import annotations
 
-import contextlib, ctypes, functools, gc, html, inspect, os, re, sys, time  # noqa: E401
+import contextlib, ctypes, functools, gc, html, inspect, itertools, os, re, sys, time  # noqa: E401
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -136,8 +136,7 @@ def load_image(path, size: int = IMAGE_SIZE) -> np.ndarray:
 def load_images(directory, size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """``(images, labels, names)``: float32 ``(N, size, size, 1)`` 0-255, one-hot ``(N, N)``, a
     class per file by name; ``FileNotFoundError``, ``ValueError`` (< 2, unreadable). Notebook 01."""
-    files = _image_files(Path(directory))
-    if len(files) < 2:
+    if len(files := _image_files(Path(directory))) < 2:
         raise ValueError(f"{directory} holds {len(files)} image file(s); the series needs 2+")
     images = np.stack([load_image(f, size) for f in files])[..., np.newaxis]
     return images, np.eye(len(files), dtype=np.float32), [f.name for f in files]
@@ -229,14 +228,14 @@ def _built(model, purpose: str, need_bn: bool = True) -> dict:
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(f"cannot {purpose}: the model comes first, got {type(model).__name__}")
     layers, name = named_batchnorm_layers(model), model.name
-    unbuilt = [p for p, layer in layers.items() if not layer.built]
-    if not getattr(model, "built", True) or unbuilt:
+    unbuilt = [p for p, layer in layers.items() if not layer.built]  # in a built model: unused
+    if not getattr(model, "built", True) or unbuilt and len(unbuilt) == len(layers):
         raise ValueError(f"cannot {purpose}: {name!r} is not built yet"
                          f"{f' (layers {unbuilt[:4]})' if unbuilt else ''}, so it has no "
                          "moving statistics: call the model on one batch of your data first")
     if need_bn and not layers:
         raise ValueError(f"{name!r} has no BatchNormalization layer: nothing to {purpose}")
-    return layers
+    return {p: layer for p, layer in layers.items() if layer.built}
 
 @dataclass
 class Moments:
@@ -304,13 +303,14 @@ def _moments_of(layer, inputs, mask, training, spread=False) -> Moments:
     return Moments(numpy(mean), numpy(var), count, bool(training) and bool(layer.trainable),
                    numpy(mean_se), numpy(var_se))
 
-def _spy(path, layer, records, recording, spread):
-    """``layer.call``, recording its inputs' moments in ``records[path]`` while ``recording``."""
-    inner = layer.call
+def _spy(inner, paths, records, recording, spread):
+    """``BatchNormalization.call`` recording, for the layers in ``paths`` (id -> path), the
+    moments the base layer normalizes with (after any subclass's own ``call``)."""
     @functools.wraps(inner)  # Keras and error messages see the layer's own signature
-    def spy(*args, **kwargs):
+    def spy(layer, *args, **kwargs):
         inputs = args[0] if args else kwargs.get("inputs")
-        if recording["active"] and not isinstance(inputs, keras.KerasTensor):
+        path = paths.get(id(layer))
+        if path and recording["active"] and not isinstance(inputs, keras.KerasTensor):
             if not tf.executing_eagerly():
                 raise RuntimeError(f"layer {path!r} was called in a traced graph, which hides its "
                                    "inputs: run the model eagerly (compile with run_eagerly=True, "
@@ -318,7 +318,7 @@ def _spy(path, layer, records, recording, spread):
             training = kwargs.get("training", args[1] if len(args) > 1 else None)
             mask = kwargs.get("mask", args[2] if len(args) > 2 else None)
             records[path].append(_moments_of(layer, inputs, mask, training, spread))
-        return inner(*args, **kwargs)
+        return inner(layer, *args, **kwargs)
     return spy
 
 @contextlib.contextmanager
@@ -327,25 +327,16 @@ def recording_batchnorm_inputs(model, spread: bool = False) -> Iterator[dict[str
     ``RuntimeError``), probes hidden; ``ValueError`` if unbuilt. Notebook 03, section 4."""
     layers = _built(model, "record BatchNormalization inputs", need_bn=False)
     records: dict[str, list[Moments]] = {path: [] for path in layers}
-    recording, missing, wrapped = {"active": True}, object(), []
+    recording, bn = {"active": True}, keras.layers.BatchNormalization
+    inner = bn.__dict__["call"]  # the class's own, so that subclasses' super().call is seen too
+    bn.call = _spy(inner, {id(layer): path for path, layer in layers.items()}, records,
+                   recording, spread)
+    _OPEN_RECORDINGS.append(recording)
     try:
-        for path, layer in layers.items():
-            previous = vars(layer).get("call", missing)
-            layer.call = spy = _spy(path, layer, records, recording, spread)
-            wrapped.append((layer, spy, previous))
-        _OPEN_RECORDINGS.append(recording)
         yield records
     finally:
         _OPEN_RECORDINGS[:] = [r for r in _OPEN_RECORDINGS if r is not recording]
-        _restore_calls(wrapped, missing)
-
-def _restore_calls(wrapped, missing) -> None:
-    """Undo ``layer.call = wrapper`` for each ``(layer, wrapper, previous)``, newest first."""
-    for layer, call, previous in reversed(wrapped):
-        if vars(layer).get("call") is call and previous is missing:
-            del layer.call
-        elif vars(layer).get("call") is call:
-            layer.call = previous
+        bn.call = inner
 
 @contextlib.contextmanager
 def frozen_moving_statistics(model) -> Iterator[None]:
@@ -473,7 +464,7 @@ def _batches(data, batch_size, max_batches=None, max_samples=None):
         source = (unpack(element)[0] for element in data)
     elif isinstance(data, keras.utils.PyDataset):
         source = (unpack(data[i])[0] for i in
-                  (range(data.num_batches) if data.num_batches is not None else iter(int, 1)))
+                  (range(data.num_batches) if data.num_batches is not None else itertools.count()))
     elif isinstance(data, (np.ndarray, tf.Tensor, dict, list, tuple)) or keras.ops.is_tensor(data):
         if not all(isinstance(a, np.ndarray) or keras.ops.is_tensor(a)
                    for a in keras.tree.flatten(data)):
@@ -486,6 +477,7 @@ def _batches(data, batch_size, max_batches=None, max_samples=None):
             keep = np.sort(np.random.default_rng(0).choice(_size(data), total, replace=False))
             data = keras.tree.map_structure(lambda a: keras.ops.take(a, keep, axis=0), data)
         step = int(batch_size or total or 1)
+        total -= total % step == 1 < total  # no last batch of one sample (as a cut leaves none)
         source = (keras.tree.map_structure(lambda a, s=s: a[s:s + step], data)
                   for s in range(0, total, step))
     elif hasattr(data, "__iter__") or hasattr(data, "__next__"):
@@ -544,8 +536,12 @@ def _others_in_inference_mode(model):
         wrapped.append((layer, call, previous))
     try:
         yield
-    finally:
-        _restore_calls(wrapped, missing)
+    finally:  # undo each layer.call = wrapper, newest first
+        for layer, call, previous in reversed(wrapped):
+            if vars(layer).get("call") is call and previous is missing:
+                del layer.call
+            elif vars(layer).get("call") is call:
+                layer.call = previous
 
 def _describe(x) -> str:
     return str(keras.tree.map_structure(lambda a: tuple(a.shape), x))
@@ -627,7 +623,8 @@ def diagnose_batchnorm(model, data, *, shift_tol: float = 0.2, ratio_tol: float 
                        max_batches: int | None = None, noise: float = 2.0) -> list[LayerGap]:
     """``LayerGap`` per BatchNormalization layer reached: moving against ``fit``'s batch statistics
     (README, "Your own model"); state restored. ``ValueError``: bad model, input. Notebook 03."""
-    if not (1 <= ratio_tol < np.inf and 0 <= shift_tol < np.inf and 0 <= noise < np.inf):
+    if not (all(isinstance(t, (int, float, np.number)) for t in (ratio_tol, shift_tol, noise))
+            and 1 <= ratio_tol < np.inf and 0 <= shift_tol < np.inf and 0 <= noise < np.inf):
         raise ValueError(f"ratio_tol={ratio_tol} must be >= 1, shift_tol={shift_tol} and "
                          f"noise={noise} >= 0, all finite")
     _check_counts(False, batch_size=batch_size)
@@ -660,7 +657,6 @@ def _judge(layer, seen, shift_tol, ratio_tol, noise) -> tuple[dict, float]:
                                for v in (layer.moving_mean, layer.moving_variance))
     eps = float(layer.epsilon)
     std = np.sqrt(var + eps)
-    # one batch's scatter: within it (between samples) or between batches, the larger
     within_m = [m.mean_se for m in seen if m.mean_se is not None]
     within_v = [m.var_se for m in seen if m.var_se is not None]
     scatter_m = np.sqrt(np.mean(np.square(within_m), axis=0)) if within_m else np.inf
@@ -668,8 +664,8 @@ def _judge(layer, seen, shift_tol, ratio_tol, noise) -> tuple[dict, float]:
     if len(seen) > 1:
         scatter_m = np.maximum(scatter_m, np.std([m.mean for m in seen], axis=0, ddof=1))
         scatter_v = np.maximum(scatter_v, np.std([m.var for m in seen], axis=0, ddof=1))
-    # the gap's standard error: the reference averages len(seen) calls; a converged moving
-    # average keeps a share (1 - m) / (1 + m) of one batch's variance
+    # the gap's standard error: one batch's scatter (within it or between batches, the larger)
+    # over the len(seen) calls averaged, plus the share (1 - m) / (1 + m) an average keeps
     widen = np.sqrt(1 / len(seen) + (1 - layer.momentum) / (1 + layer.momentum))
     per_channel = dict(zip(
         ("batch_var", "moving_var", "shift", "log_var_gap", "noise_shift", "noise_log_var"),
@@ -720,6 +716,16 @@ _NEVER = ("never updated (statistics exactly 0 and 1): if it trained in inferenc
           "without training=True), new statistics change what the weights learned: retrain; if "
           "they were never set (a cloned or rebuilt model), include_never_updated=True")
 
+def _check_options(batch_size=32, max_batches=None, max_samples=None, estimator="population",
+                   include_frozen=False, include_never_updated=False, verbose=0) -> None:
+    if estimator not in ("population", "batch_mean"):
+        raise ValueError(f"estimator={estimator!r}; use 'population' or 'batch_mean'")
+    if not (isinstance(include_frozen, bool) and isinstance(include_never_updated, bool)
+            and verbose in (0, 1, 2)):
+        raise TypeError("include_frozen, include_never_updated: True or False; verbose: 0, 1, 2")
+    _check_counts(False, batch_size=batch_size)
+    _check_counts(max_batches=max_batches, max_samples=max_samples)
+
 class Recalibration(int):
     """What ``recalibrate_batchnorm`` did: an ``int`` (layers updated) with ``statistics``,
     ``skipped``, ``reasons``, ``samples``, ``batches``, ``estimator``, ``seconds``. Notebook 06."""
@@ -735,12 +741,8 @@ def recalibrate_batchnorm(model, data, batch_size: int = 32, *, max_batches: int
                           verbose: int = 0) -> Recalibration:
     """Moving statistics set to ``data``'s in ``fit``'s batches, weights fixed (PreciseBN): a
     ``Recalibration``; ``ValueError``, ``TypeError`` (bad input, NaN): no change. Notebook 05."""
-    if estimator not in ("population", "batch_mean"):
-        raise ValueError(f"estimator={estimator!r}; use 'population' or 'batch_mean'")
-    if not all(isinstance(f, bool) for f in (include_frozen, include_never_updated)):
-        raise TypeError("include_frozen and include_never_updated must be True or False")
-    _check_counts(False, batch_size=batch_size)
-    _check_counts(max_batches=max_batches, max_samples=max_samples)
+    _check_options(batch_size, max_batches, max_samples, estimator, include_frozen,
+                   include_never_updated, verbose)
     started, named = time.perf_counter(), _built(model, "recalibrate")
     reasons = {p: _FROZEN for p, layer in named.items() if not (layer.trainable or include_frozen)}
     if not include_never_updated:
@@ -802,14 +804,13 @@ class PreciseBN(keras.callbacks.Callback):
             raise TypeError("PreciseBN reads the data every epoch; a generator is used up after "
                             "one pass: pass arrays, a tf.data.Dataset or a PyDataset")
         self.options = dict(options, max_samples=max_samples, batch_size=batch_size)
-        try:  # bad options fail here, not after an epoch of training
-            inspect.signature(recalibrate_batchnorm).bind(None, None, **self.options)
-            _check_counts(False, batch_size=batch_size)
-            _check_counts(max_samples=max_samples)
+        try:  # bad options and data fail here, not after an epoch of training
+            _check_options(**self.options)
+            if next(_batches(data, batch_size, max_batches=1), None) is None:
+                raise ValueError(f"PreciseBN: {_EMPTY}")
         except TypeError as error:
             raise TypeError(f"PreciseBN takes recalibrate_batchnorm's options: {error}") from None
-        self.data, self.results = data, []
-        self._in_fit = self._done = False
+        self.data, self.results, self._in_fit, self._done = data, [], False, False
     def _recalibrate(self):
         self.results.append(recalibrate_batchnorm(self.model, self.data, **self.options))
         self._done = True
@@ -820,14 +821,13 @@ class PreciseBN(keras.callbacks.Callback):
                 raise ValueError("PreciseBN: no BatchNormalization layer it would recalibrate "
                                  "(none, or all frozen: include_frozen=True updates those)")
         self._in_fit = True
-    def on_epoch_begin(self, epoch, logs=None):
-        self._done = False
     def on_test_begin(self, logs=None):  # the validation pass inside fit
         if self._in_fit and not self._done:
             self._recalibrate()
     def on_epoch_end(self, epoch, logs=None):
         if not self._done:
             self._recalibrate()
+        self._done = False  # the next epoch recalibrates again
     def on_train_end(self, logs=None):
         self._in_fit = False
         self.set_model(None)  # a kept callback must not keep the model in memory

@@ -832,3 +832,114 @@ def test_data_that_reaches_no_batchnorm_layer_is_refused():
     model.bn.build((None, 8))
     with pytest.raises(ValueError, match="reached no BatchNormalization layer"):
         utils.diagnose_batchnorm(model, x)
+
+
+class _AlwaysInference(L.BatchNormalization):
+    """The fine-tuning recipe as a subclass: always normalizes with its moving statistics."""
+
+    def call(self, inputs, training=None, mask=None):
+        return super().call(inputs, training=False, mask=mask)
+
+
+class _Shifted(L.BatchNormalization):
+    """A subclass that transforms its input before the base layer normalizes it."""
+
+    def call(self, inputs, training=None, mask=None):
+        return super().call(inputs * 10.0 + 5.0, training=training, mask=mask)
+
+
+def test_a_subclass_that_always_runs_in_inference_mode_is_frozen_and_left_alone():
+    x, y = _tabular(256)
+    model = keras.Sequential([keras.Input((8,)), L.Dense(4, name="d1"),
+                              _AlwaysInference(name="fixed"), L.Dense(4, name="d2"),
+                              L.BatchNormalization(name="bn"), L.Dense(2, activation="softmax")])
+    model(x[:2])
+    model.get_layer("fixed").moving_mean.assign(np.full(4, 0.5, "f4"))
+    model.get_layer("fixed").moving_variance.assign(np.full(4, 2.0, "f4"))
+    _fit(model, x, y, epochs=2, batch_size=32)
+    rows = {r.name: r for r in utils.diagnose_batchnorm(model, x)}
+    assert rows["fixed"].frozen and rows["fixed"].in_fit == "frozen"
+    result = utils.recalibrate_batchnorm(model, x, batch_size=32)
+    assert int(result) == 1 and "fixed" in result.skipped
+    np.testing.assert_array_equal(model.get_layer("fixed").moving_mean.numpy(), np.full(4, 0.5))
+
+
+def test_a_subclass_is_recalibrated_on_what_its_base_layer_receives():
+    x, _ = _tabular(128)
+    model = keras.Sequential([keras.Input((8,)), _Shifted(name="shifted")])
+    model(x[:2])
+    utils.recalibrate_batchnorm(model, x, batch_size=32, include_never_updated=True)
+    np.testing.assert_allclose(model.get_layer("shifted").moving_mean.numpy(),
+                               (x.astype("f8") * 10 + 5).mean(axis=0), rtol=1e-5)
+
+
+class _Endless(keras.utils.PyDataset):
+    """An endless PyDataset cycling over 8 batches of 16."""
+
+    def __init__(self, x):
+        super().__init__()
+        self.x = x
+
+    @property
+    def num_batches(self):
+        return None
+
+    def __getitem__(self, index):
+        start = (index % 8) * 16
+        return self.x[start:start + 16]
+
+
+def test_an_endless_pydataset_is_read_batch_after_batch():
+    x, _ = _tabular(128)
+    model = _dense_net()
+    model(x[:2])
+    utils.recalibrate_batchnorm(model, _Endless(x), max_batches=8, include_never_updated=True)
+    utils.recalibrate_batchnorm(model, x, batch_size=16)  # the same 8 batches from the array
+    expected = utils.moving_statistics(model)["bn1"][0]
+    utils.recalibrate_batchnorm(model, _Endless(x), max_batches=8)
+    np.testing.assert_allclose(utils.moving_statistics(model)["bn1"][0], expected, rtol=1e-5)
+
+
+class _Spare(keras.Model):
+    """A subclassed model holding a BatchNormalization layer its call never uses."""
+
+    def __init__(self):
+        super().__init__(name="spare_net")
+        self.dense, self.bn, self.spare = L.Dense(4), L.BatchNormalization(), L.BatchNormalization()
+
+    def call(self, x, training=None):
+        return self.bn(self.dense(x), training=training)
+
+
+def test_an_unused_unbuilt_layer_does_not_block_the_toolkit():
+    x, y = _tabular(128)
+    model = _Spare()
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, y[:, :1].repeat(4, axis=1), epochs=1, batch_size=32, verbose=0)
+    assert len(utils.diagnose_batchnorm(model, x)) == 1
+    assert int(utils.recalibrate_batchnorm(model, x, batch_size=32)) == 1
+
+
+def test_an_array_leaving_a_last_batch_of_one_loses_that_sample_only():
+    x, _ = _tabular(33)
+    model = _dense_net()
+    model(x[:2])
+    result = utils.recalibrate_batchnorm(model, x, batch_size=32, include_never_updated=True)
+    assert (result.samples, result.batches) == (32, 1)
+    assert utils.diagnose_batchnorm(model, x, batch_size=32)[0].samples == 32
+
+
+def test_precise_bn_and_the_diagnostic_refuse_bad_options_at_once():
+    x, _ = _tabular(64)
+    model = _dense_net()
+    model(x[:2])
+    for bad in ({"estimator": "x"}, {"max_batches": 0}, {"include_frozen": 1},
+                {"verbose": "loud"}):
+        with pytest.raises((TypeError, ValueError)):
+            utils.PreciseBN(x, **bad)
+    with pytest.raises(TypeError, match="cannot read batches"):
+        utils.PreciseBN(lambda: x)
+    with pytest.raises(TypeError, match="verbose"):
+        utils.recalibrate_batchnorm(model, x, verbose=5)
+    with pytest.raises(ValueError, match="shift_tol=0.2"):
+        utils.diagnose_batchnorm(model, x, shift_tol="0.2")
