@@ -477,7 +477,6 @@ def _batches(data, batch_size, max_batches=None, max_samples=None):
             keep = np.sort(np.random.default_rng(0).choice(_size(data), total, replace=False))
             data = keras.tree.map_structure(lambda a: keras.ops.take(a, keep, axis=0), data)
         step = int(batch_size or total or 1)
-        total -= total % step == 1 < total  # no last batch of one sample (as a cut leaves none)
         source = (keras.tree.map_structure(lambda a, s=s: a[s:s + step], data)
                   for s in range(0, total, step))
     elif hasattr(data, "__iter__") or hasattr(data, "__next__"):

@@ -491,6 +491,9 @@ def test_errors_name_the_problem():
         utils.recalibrate_batchnorm(model, x[:1], **NEVER)
     with pytest.raises(ValueError, match="one value per channel"):
         utils.recalibrate_batchnorm(model, x[:9], batch_size=4, **NEVER)  # 4, 4 and 1
+    with pytest.raises(ValueError, match="one value per channel"):  # from a dataset alike
+        batches = tf.data.Dataset.from_tensor_slices(x[:9]).batch(4)
+        utils.recalibrate_batchnorm(model, batches, **NEVER)
     with pytest.raises(ValueError, match="one value per channel"):
         utils.diagnose_batchnorm(model, x[:1])
     with pytest.raises(ValueError, match="cannot take this data"):

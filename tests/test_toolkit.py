@@ -920,15 +920,6 @@ def test_an_unused_unbuilt_layer_does_not_block_the_toolkit():
     assert int(utils.recalibrate_batchnorm(model, x, batch_size=32)) == 1
 
 
-def test_an_array_leaving_a_last_batch_of_one_loses_that_sample_only():
-    x, _ = _tabular(33)
-    model = _dense_net()
-    model(x[:2])
-    result = utils.recalibrate_batchnorm(model, x, batch_size=32, include_never_updated=True)
-    assert (result.samples, result.batches) == (32, 1)
-    assert utils.diagnose_batchnorm(model, x, batch_size=32)[0].samples == 32
-
-
 def test_precise_bn_and_the_diagnostic_refuse_bad_options_at_once():
     x, _ = _tabular(64)
     model = _dense_net()
