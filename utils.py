@@ -4,7 +4,8 @@ writes out first, and a toolkit for your own Keras model (``diagnose_batchnorm``
 
 from __future__ import annotations
 
-import contextlib, ctypes, functools, gc, html, inspect, itertools, os, re, sys, time  # noqa: E401
+import contextlib, ctypes, functools, gc, hashlib, html, inspect, itertools, json, os  # noqa: E401
+import pickle, re, sys, time, warnings  # noqa: E401
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -161,8 +162,11 @@ def compile_model(model: keras.Model, learning_rate: float = 1e-3, *, run_eagerl
     return model
 
 def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """Share of rows ``(N, classes)`` whose arg-max is the one-hot label's. Notebook 03, sec. 1."""
-    return float((np.argmax(probabilities, axis=1) == np.argmax(labels, axis=1)).mean())
+    """Share of rows ``(N, classes)`` whose arg-max is the one-hot label's (a row with NaN: wrong).
+    Notebook 03, section 1."""
+    probabilities = np.asarray(probabilities)
+    right = (np.argmax(probabilities, axis=1) == np.argmax(labels, axis=1))
+    return float((right & ~np.isnan(probabilities).any(axis=1)).mean())
 
 def loss_and_accuracy(outputs, labels: np.ndarray) -> tuple[float, float]:
     """``(loss in nats, accuracy)`` of a model call's output tensor, as ``evaluate`` computes them
@@ -389,7 +393,8 @@ def set_moving_statistics(model, stats: dict[str, tuple[np.ndarray, np.ndarray]]
         mean, var = (np.asarray(a, np.float64) for a in pair)
         if mean.shape != shape or var.shape != shape:
             raise ValueError(f"layer {path!r}: shapes {mean.shape}, {var.shape}; need {shape}")
-        if np.any(var < 0) or not (np.isfinite(mean).all() and np.isfinite(var).all()):
+        dtype = layers[path].moving_mean.dtype  # finite as stored, not only as given
+        if np.any(var < 0) or not all(np.isfinite(a.astype(dtype)).all() for a in (mean, var)):
             raise ValueError(f"layer {path!r}: statistics must be finite, variances >= 0")
         checked[path] = (mean, var)
     for path, (mean, var) in checked.items():
@@ -409,7 +414,10 @@ def _assign_moving(layer, mean, var) -> None:
 def replay_moving_statistics(steps: dict[str, list[Moments]], momentum: float,
                              initial: tuple[float, float] = (0.0, 1.0)) -> dict:
     """``path -> (mean, var)`` after ``moving = momentum * moving + (1 - momentum) * batch`` per
-    recorded step, from ``initial``; ``ValueError`` for a layer without steps. Notebook 05."""
+    recorded step, from ``initial``; ``ValueError``: a layer without steps, momentum off [0, 1].
+    Notebook 05."""
+    if not 0.0 <= momentum <= 1.0:  # NaN too
+        raise ValueError(f"momentum={momentum} must lie in [0, 1]")
     replayed = {}
     for path, moments in steps.items():
         if not moments:
@@ -432,6 +440,195 @@ def updates_needed(momentum: float, remaining: float) -> int:
         return 0
     n = int(np.ceil(np.log(remaining) / np.log(momentum)))  # at least 1; fix float rounding
     return n - 1 if momentum ** (n - 1) <= remaining else n + int(momentum**n > remaining)
+
+# --- The case's training: recorded once in notebook 02, read again by notebooks 03-05 -------
+#: Where ``CaseRecord`` saves the case's training and ``trained_case`` reads it.
+CASE_DIR = ROOT / "output" / "case"
+
+class CaseRecord(keras.callbacks.Callback):
+    """Records a ``fit`` of one batch per epoch (else ``ValueError``) after each epoch and saves
+    it with the final weights in ``CASE_DIR`` (its 4 newest files kept). Per layer path and epoch k
+    (0: the start): ``moving[p][k]`` (mean, var) and ``batch[p][k]`` (``Moments`` of a training-mode
+    pass on the images: what update k+1 normalizes with, up to float32 rounding, as ``fit``
+    shuffles the batch); per epoch ``train_loss``, ``train_acc``, ``infer_loss``, ``infer_acc``;
+    ``fit_loss``: ``fit``'s; ``updates``; ``seconds`` of ``fit`` without the records'. Notebook 02."""
+    KEPT = ("updates", "moving", "batch", "train_loss", "train_acc", "infer_loss", "infer_acc",
+            "fit_loss", "seconds")
+    def __init__(self, images, labels, save: bool = True):
+        super().__init__()
+        self.images, self.labels, self.save = images, labels, save
+    def on_train_begin(self, logs=None):
+        if self.params.get("steps") != 1:
+            raise ValueError(f"CaseRecord records one batch per epoch; fit makes "
+                             f"{self.params.get('steps') or 'an unknown number'}: pass arrays "
+                             "and batch_size >= len(images)")
+        self.moving, self.batch, self.updates, self.seconds = {}, {}, 0, 0.0
+        self.train_loss, self.train_acc, self.infer_loss, self.infer_acc = [], [], [], []
+        self.fit_loss, self._first = [], None
+        self.key = _case_key(self.model, self.images, self.labels, self.params["epochs"])
+        self._started, self._recording = time.perf_counter(), 0.0
+        self._record()
+    def _record(self):
+        started, model = time.perf_counter(), self.model
+        for path, stats in moving_statistics(model).items():
+            self.moving.setdefault(path, []).append(stats)
+        seen, train_out = batch_statistics(model, self.images)  # statistics left as they are
+        for path, moments in seen.items():
+            self.batch.setdefault(path, []).append(moments)
+        with frozen_moving_statistics(model):
+            infer_out = model(self.images, training=False)
+        for out, losses, accs in ((train_out, self.train_loss, self.train_acc),
+                                  (infer_out, self.infer_loss, self.infer_acc)):
+            loss, acc = loss_and_accuracy(out, self.labels)
+            losses.append(loss)
+            accs.append(acc)
+        self._recording += time.perf_counter() - started
+    def on_epoch_end(self, epoch, logs=None):
+        self._first = epoch if self._first is None else self._first
+        self.updates = epoch + 1
+        self.fit_loss.append(float((logs or {}).get("loss", np.nan)))
+        self._record()
+    def on_train_end(self, logs=None):
+        self.seconds = time.perf_counter() - self._started - self._recording
+        memorised = [k for k, acc in enumerate(self.train_acc) if k >= 5 and acc == 1.0]
+        recipe = (self._first == 0 and self.updates == min(memorised + [self.params["epochs"]])
+                  and np.allclose(self.fit_loss, self.train_loss[:-1], rtol=1e-2, atol=1e-6))
+        if self.save and not recipe:  # fit's loss is not the loss on all the images, or it
+            warnings.warn("not saved: this fit is not the case's training (all images in one "
+                          "batch, stopped by StopWhenMemorised), which trained_case reads")
+        elif self.save:
+            aside = CASE_DIR / f"{self.key}.{os.getpid()}.part"
+            try:  # whole files only: written aside, then renamed
+                CASE_DIR.mkdir(parents=True, exist_ok=True)
+                with open(aside, "wb") as file:
+                    pickle.dump({k: getattr(self, k) for k in self.KEPT}
+                                | {"weights": self.model.get_weights()}, file)
+                    _uncache(file)
+                os.replace(aside, CASE_DIR / f"{self.key}.pkl")
+                saved = [f for f in CASE_DIR.glob("*.pkl") if re.fullmatch("[0-9a-f]{16}", f.stem)]
+                for old in sorted(saved, key=lambda f: f.stat().st_mtime)[:-4]:
+                    old.unlink(missing_ok=True)
+            except Exception as error:  # training is done: say it, lose nothing else
+                aside.unlink(missing_ok=True)
+                warnings.warn(f"could not save the case's training in {CASE_DIR} ({error!r}): "
+                              "notebooks 03-05 will train it again")
+        self.set_model(None)  # a kept callback must not keep the model in memory
+
+def _uncache(file) -> None:
+    """Drop a file's pages from the page cache: Binder's memory limit counts them."""
+    with contextlib.suppress(AttributeError, OSError):
+        file.flush()
+        os.fsync(file.fileno())
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+def _case_key(model, images, labels, epochs) -> str:
+    """Digest of the images, labels, layers and wiring (not generated names), initial weights,
+    compile settings, epochs, thread pools, oneDNN, versions and this file (its training code)."""
+    wiring = model.to_json()  # layers, their wiring and the compile settings
+    for i, layer in enumerate([model, *model.layers]):  # generated names by position
+        wiring = wiring.replace(f'"{layer.name}"', f'"#{i}"')
+    wiring = re.sub(r'"name": "[^"]*"', "", wiring)  # the optimizer's too
+    settings = [_pool_sizes(), os.environ.get("TF_ENABLE_ONEDNN_OPTS"), tf.__version__,
+                keras.__version__]  # what changes the last bits of a training
+    digest = hashlib.sha256(json.dumps([wiring, int(epochs), settings], default=str,
+                                       sort_keys=True).encode())
+    digest.update(Path(__file__).read_bytes())
+    for array in (images, labels, *model.get_weights()):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+def trained_case(images, labels) -> tuple[keras.Model, CaseRecord]:
+    """``(model, record)`` of the case as notebook 02 trains it (``build_resnet50``,
+    ``compile_model``, ``fit`` with ``StopWhenMemorised`` and ``CaseRecord``): read from
+    ``CASE_DIR`` when saved for these images, else trained and saved (about 5 updates). The
+    optimizer's state is not kept. ``ValueError``: labels not one-hot. Notebook 02."""
+    if np.ndim(labels) != 2:
+        raise ValueError(f"labels of shape {np.shape(labels)}: pass them one-hot, (images, "
+                         "classes), as utils.load_images returns them")
+    model = compile_model(build_resnet50(num_classes=labels.shape[1]))
+    record = CaseRecord(images, labels)
+    try:
+        with open(CASE_DIR / f"{_case_key(model, images, labels, MAX_EPOCHS)}.pkl", "rb") as file:
+            saved = pickle.load(file)  # the series' own file (a pickle can run code: no others)
+            _uncache(file)
+        weights, kept = saved["weights"], {k: saved[k] for k in CaseRecord.KEPT}
+        if [np.shape(w) for w in weights] != [tuple(v.shape) for v in model.weights]:
+            raise ValueError("the saved weights do not fit this model")
+    except Exception:  # not saved yet, half written, or not the series' file: train it again
+        model.fit(images, labels, epochs=MAX_EPOCHS, verbose=0,
+                  callbacks=[StopWhenMemorised(images, labels), record])
+        return model, record
+    model.set_weights(weights)
+    vars(record).update(kept)
+    return model, record
+
+# --- Notebook 05's remedies, measured alike there and in its deep dive -----------------------
+@dataclass
+class RemedyResult:
+    """A remedy served on the training images: ``predicted`` classes, their ``accuracy`` and
+    ``loss`` (computed as ``evaluate`` does, on the served output); ``alone_*``: each image a batch
+    of one; ``mode_gap``: largest |training-mode - served probability|; ``memorised``: training
+    mode right on every image; ``same_computation``: served is training mode's computation (gap 0
+    by construction); ``extra``: its cost in words; ``seconds``: measured seconds of the training
+    or pass that cost names (``None``: none). Notebook 05."""
+    name: str
+    updates: int
+    memorised: bool
+    predicted: list
+    accuracy: float
+    loss: float
+    alone_predicted: list
+    alone_right: list
+    mode_gap: float
+    extra: str = ""
+    seconds: float | None = None
+    same_computation: bool = False
+    right = property(lambda self: self.accuracy == 1.0 and all(self.alone_right))
+
+def measure_remedy(name, model, images, labels, updates, extra="", seconds=None, *,
+                   training_mode=False, same_computation=False) -> RemedyResult:
+    """Serve ``images`` as ``predict`` does (``training_mode``: ``model(x, training=True)``), all
+    together and each alone, against training mode; statistics kept. ``ValueError``: claimed
+    ``same_computation`` and the two differ. Notebook 05."""
+    _check_counts(False, updates=updates)
+    if len(images) < 2:
+        raise ValueError(f"measure_remedy needs 2+ images, got {len(images)}: a training-mode "
+                         "batch of one normalizes every value to beta")
+    to_numpy = keras.ops.convert_to_numpy
+    with frozen_moving_statistics(model):  # training-mode calls would move the statistics
+        served = model(images, training=training_mode)
+        alone = [int(np.argmax(to_numpy(model(images[i:i + 1], training=training_mode))))
+                 for i in range(len(images))]
+        reference = to_numpy(model(images, training=True))  # as fit computes
+    loss, acc = loss_and_accuracy(served, labels)
+    gap = float(np.abs(reference - to_numpy(served)).max())
+    if same_computation and gap > 1e-5:
+        raise ValueError(f"same_computation=True, but the two modes differ by {gap:.2g}")
+    truth = np.argmax(labels, axis=1).tolist()
+    return RemedyResult(str(name), int(updates), accuracy(reference, labels) == 1.0,
+                        np.argmax(to_numpy(served), axis=1).tolist(), acc, loss, alone,
+                        [a == t for a, t in zip(alone, truth)], gap, str(extra),
+                        None if seconds is None else float(seconds),
+                        bool(same_computation or training_mode and gap <= 1e-5))
+
+def remedies_table(results: list[RemedyResult]):
+    """``RemedyResult`` rows as an ``html_table`` (seconds left out: they vary); ``TypeError`` for
+    anything else. Notebook 05."""
+    if not isinstance(results, (list, tuple)) or not all(isinstance(r, RemedyResult)
+                                                         for r in results):
+        raise TypeError("remedies_table takes a list of RemedyResult (from utils.measure_remedy)")
+    rows = [[r.name, r.updates, "yes" if r.memorised else "no", " ".join(map(str, r.predicted)),
+             f"{r.accuracy:.2f}", f"{r.loss:.3g}", f"{sum(r.alone_right)} of {len(r.alone_right)}"
+             " right", "n/a: same computation" if r.same_computation else f"{r.mode_gap:.2g}",
+             r.extra] for r in results]
+    return html_table(["remedy", "updates", "memorised", "predict", "accuracy", "loss",
+                       "each alone", "train/served gap", "extra cost"], rows,
+                      "updates: optimizer updates of the served weights; memorised: those weights"
+                      " right on every image in training mode; predict: classes served for the"
+                      " batch of all images; each alone: served one image at a time; train/served"
+                      " gap: largest difference of probabilities between training mode and what"
+                      " is served (n/a: served by training mode's own computation, 0 by"
+                      " construction)")
 
 # --- The toolkit: diagnose and recalibrate your own model (README, "Your own model") ---------
 _EMPTY = "the data yielded no batch (an empty array, dataset, generator or PyDataset)"

@@ -211,14 +211,19 @@ def test_a_helper_introduced_in_a_lesson_has_its_core_written_out_there(name):
         f"notebook {number} introduces utils.{name} but does not write out its core {core!r}")
 
 
-def test_no_public_helper_serves_a_single_notebook_unless_it_is_the_toolkit():
-    users = {name: {_number(p) for p in NOTEBOOKS if name in _used_names(p)}
-             for name in _public_helpers()}
-    lonely = sorted(n for n, used in users.items() if len(used) == 1 and n not in TOOLKIT)
-    assert not lonely, f"used by one notebook only, so they belong in it: {lonely}"
-
-
 DEEP_DIVES = sorted((ROOT / "notebooks" / "deep_dives").glob("*.ipynb"))
+
+
+def test_no_public_helper_serves_a_single_notebook_unless_it_is_the_toolkit():
+    """Shared: used by two notebooks (deep dives count), or called by another helper of utils."""
+    helpers = _public_helpers()
+    users = {name: {p.name for p in NOTEBOOKS + DEEP_DIVES if name in _used_names(p)}
+             for name in helpers}
+    called = {name for name in helpers if any(re.search(rf"\b{name}\b", inspect.getsource(other))
+                                              for key, other in helpers.items() if key != name)}
+    lonely = sorted(n for n, used in users.items()
+                    if len(used) == 1 and n not in called and n not in TOOLKIT)
+    assert not lonely, f"used by one notebook only, so they belong in it: {lonely}"
 
 
 @pytest.mark.parametrize("path", DEEP_DIVES, ids=lambda p: p.stem)

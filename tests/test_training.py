@@ -94,3 +94,81 @@ def test_stop_when_memorised_rejects_bad_min_epochs(data):
     x, y = data
     with pytest.raises(ValueError, match="min_epochs"):
         utils.StopWhenMemorised(x, y, min_epochs=0)
+
+
+def _small_resnet_stand_in(num_classes, seed=0, **_):
+    """What ``utils.build_resnet50`` returns, in small: uncompiled, seeded, with BatchNormalization."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(4, name="dense")(inputs)
+    normalized = keras.layers.BatchNormalization(name="bn")(hidden)
+    return keras.Model(inputs, keras.layers.Dense(num_classes, activation="softmax", name="head")(
+        normalized))
+
+
+def test_case_record_notes_each_epoch_without_changing_the_training(data, tmp_path, monkeypatch):
+    x, y = data
+    monkeypatch.setattr(utils, "CASE_DIR", tmp_path)
+    plain = utils.compile_model(_small_resnet_stand_in(3))
+    plain.fit(x, y, epochs=4, verbose=0)
+    model = utils.compile_model(_small_resnet_stand_in(3))
+    record = utils.CaseRecord(x, y)
+    model.fit(x, y, epochs=4, verbose=0, callbacks=[record])
+    assert all(np.array_equal(a, b) for a, b in zip(plain.get_weights(), model.get_weights()))
+    assert record.updates == 4 and len(record.moving["bn"]) == len(record.batch["bn"]) == 5
+    assert np.array_equal(record.moving["bn"][0][1], np.ones(4))  # Keras's start value
+    assert np.array_equal(record.moving["bn"][-1][1], model.get_layer("bn").moving_variance.numpy())
+    h = x.astype(np.float64) @ model.get_layer("dense").kernel.numpy() + model.get_layer(
+        "dense").bias.numpy()
+    assert np.allclose(record.batch["bn"][-1].var, h.var(axis=0), rtol=1e-5)
+    assert np.allclose(record.fit_loss, record.train_loss[:-1], rtol=1e-4)
+    assert [p.suffix for p in tmp_path.iterdir()] == [".pkl"]
+
+
+def test_trained_case_reads_what_was_saved_and_trains_when_nothing_is(data, tmp_path, monkeypatch):
+    x, y = data
+    monkeypatch.setattr(utils, "CASE_DIR", tmp_path)
+    monkeypatch.setattr(utils, "build_resnet50", _small_resnet_stand_in)
+    monkeypatch.setattr(utils, "MAX_EPOCHS", 8)
+    trained, first = utils.trained_case(x, y)  # nothing saved: trains, at least 5 updates
+    (saved,) = tmp_path.iterdir()
+    read, second = utils.trained_case(x, y)
+    assert 5 <= first.updates == second.updates <= 8
+    assert all(np.array_equal(a, b) for a, b in zip(trained.get_weights(), read.get_weights()))
+    assert second.infer_loss == first.infer_loss and second.fit_loss == first.fit_loss
+    saved.write_bytes(saved.read_bytes()[:100])  # a half-written file: trained again, not read
+    again, third = utils.trained_case(x, y)
+    assert third.infer_loss == first.infer_loss and len(saved.read_bytes()) > 100
+    assert all(np.array_equal(a, b) for a, b in zip(trained.get_weights(), again.get_weights()))
+
+
+def test_case_record_saves_only_the_case_s_recipe(data, tmp_path, monkeypatch):
+    x, y = data
+    monkeypatch.setattr(utils, "CASE_DIR", tmp_path)
+    (tmp_path / "my_experiment.pkl").write_bytes(b"a learner's file")
+    weighted = utils.compile_model(_small_resnet_stand_in(3))
+    with pytest.warns(UserWarning, match="not the case's training"):  # fit's loss is weighted
+        weighted.fit(x, y, epochs=3, verbose=0, class_weight={0: 10.0, 1: 1.0, 2: 1.0},
+                     callbacks=[utils.CaseRecord(x, y)])
+    resumed = utils.compile_model(_small_resnet_stand_in(3))
+    with pytest.warns(UserWarning, match="not the case's training"):  # started at epoch 2
+        resumed.fit(x, y, initial_epoch=2, epochs=4, verbose=0, callbacks=[utils.CaseRecord(x, y)])
+    with pytest.raises(ValueError, match="one batch per epoch"):
+        resumed.fit(x, y, batch_size=1, epochs=1, verbose=0, callbacks=[utils.CaseRecord(x, y)])
+    assert [p.name for p in tmp_path.iterdir()] == ["my_experiment.pkl"]
+
+
+def test_measure_remedy_refuses_what_it_cannot_judge(data):
+    x, y = data
+    model = utils.compile_model(_small_resnet_stand_in(3))
+    with pytest.raises(ValueError, match="2\\+ images"):
+        utils.measure_remedy("one", model, x[:1], y[:1], 1)
+    with pytest.raises(TypeError, match="updates must be an integer"):
+        utils.measure_remedy("half", model, x, y, 3.7)
+    with pytest.raises(TypeError, match="list of RemedyResult"):
+        utils.remedies_table([{"name": "a dict"}])
+    row = utils.measure_remedy("as served", model, x, y, 1, training_mode=True)
+    assert row.same_computation and row.mode_gap == 0.0
+    assert utils.accuracy(np.full((3, 3), np.nan), y) == 0.0  # NaN outputs are never right
+    rebuilt = utils.RemedyResult(**vars(row))  # as notebook 05 reads the deep dive's rows
+    assert rebuilt == row and not rebuilt.right
