@@ -562,6 +562,14 @@ def trained_case(images, labels) -> tuple[keras.Model, CaseRecord]:
     vars(record).update(kept)
     return model, record
 
+def weights_digest(model: keras.Model) -> str:
+    """16 hex digits of SHA-256 over every weight, moving statistics included: which training
+    these weights come from (another CPU's arithmetic gives other bits). Notebook 05."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+    return digest.hexdigest()[:16]
+
 # --- Notebook 05's remedies, measured alike there and in its deep dive -----------------------
 @dataclass
 class RemedyResult:

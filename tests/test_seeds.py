@@ -32,8 +32,11 @@ def test_phenomenon_and_recalibration_hold(seed, data):
     print(f"seed {seed}: {stop.stopped_epoch} updates")
     assert stop.memorised, f"seed {seed}: not memorised after {MAX_EPOCHS} updates"
     assert utils.memorised(model, images, labels)
-    predicted = model.predict(images, verbose=0).argmax(axis=1)
-    assert len(set(predicted.tolist())) == 1, f"seed {seed}: predict gave {predicted.tolist()}"
+    probabilities = model.predict(images, verbose=0)
+    # The phenomenon on any CPU: predict is wrong on an image the weights memorise. Which classes
+    # it gives (one for all, in the recording's runs) is printed, not asserted.
+    print(f"seed {seed}: predict gave classes {probabilities.argmax(axis=1).tolist()}")
+    assert utils.accuracy(probabilities, labels) < 1.0
 
     result = utils.recalibrate_batchnorm(model, images)
     # fit updated every layer, so none is left alone as never updated (or for any reason)

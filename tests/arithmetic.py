@@ -1,0 +1,133 @@
+"""Does this machine compute the notebooks' trainings to the same bits as the one that recorded them?
+
+A training's last bits follow the CPU: the order in which a convolution adds its products depends
+on the kernel TensorFlow picks for the instruction set and cache sizes, and Adam's first updates,
+close to the sign of each gradient, carry a last-bit difference into a different model. So the
+outputs of cells downstream of a training can be compared with the stored ones only on a machine
+whose arithmetic reproduces the recording's.
+
+This script tells, from computed bits rather than from the CPU's name: for each kind of model the
+notebooks train, it runs the first steps of such a training, with the notebooks' own process
+settings, and digests every weight afterwards (moving statistics included). The recording
+machine's digests are stored in ``tests/recording.json``; a machine that reproduces the recording
+computes the same digests, so it is always compared strictly.
+
+Usage, from the repository root::
+
+    python tests/arithmetic.py            # print this machine's digests and whether they match
+    python tests/arithmetic.py --write    # store them, after re-recording the notebooks here
+
+The kinds:
+
+- ``resnet50``: the case (notebooks 02-05, the ResNet50 deep dives): ``utils.build_resnet50`` on
+  the shipped pictures, one eager update with Adam, as notebook 02 trains;
+- ``small-cnn``: the small CNN of notebooks 06-07: four graph-mode updates of
+  ``utils.build_small_cnn`` on drawn patterns in batches of 16 (06) and four in batches of 32
+  (07's pretraining), and four eager updates in a ``tf.GradientTape`` loop (07's custom loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORDING = ROOT / "tests" / "recording.json"
+KINDS = ("resnet50", "small-cnn")
+
+
+def _digest(model) -> str:
+    """SHA-256 of every weight of ``model``, moving statistics included, in order."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _resnet50() -> str:
+    """One eager Adam update of the case's ResNet50 on the shipped pictures."""
+    import utils
+
+    images, labels, _ = utils.load_images(utils.ROOT / "data" / "train")
+    model = utils.compile_model(utils.build_resnet50(num_classes=len(labels)))
+    model.fit(images, labels, epochs=1, verbose=0)
+    return _digest(model)
+
+
+def _small_cnn() -> str:
+    """Graph-mode ``fit`` in batches of 16 and of 32, and an eager ``GradientTape`` loop, on the
+    small CNN, four updates each."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import utils
+
+    images, labels = utils.draw_patterns(128, rng=np.random.default_rng(0))
+    digests = []
+    for batch_size in (16, 32):  # 06 trains in batches of 16, 07 pretrains in batches of 32
+        graph = utils.compile_model(utils.build_small_cnn(), run_eagerly=False)
+        graph.fit(images[: 4 * batch_size], labels[: 4 * batch_size], batch_size=batch_size,
+                  epochs=1, shuffle=False, verbose=0)
+        digests.append(_digest(graph))
+
+    eager = utils.build_small_cnn()
+    optimizer = keras.optimizers.Adam(1e-3)
+    loss_fn = keras.losses.CategoricalCrossentropy()
+    for start in range(0, len(images), 16):
+        x, y = images[start : start + 16], labels[start : start + 16]
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, eager(x, training=True))
+        gradients = tape.gradient(loss, eager.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, eager.trainable_variables))
+    return "".join(digests) + _digest(eager)
+
+
+def fingerprints() -> dict[str, str]:
+    """This machine's digest for each kind, computed with the notebooks' process settings.
+
+    Returns:
+        A dict from kind (``"resnet50"``, ``"small-cnn"``) to a hexadecimal digest.
+    """
+    import utils
+
+    found = {}
+    for kind, compute in (("resnet50", _resnet50), ("small-cnn", _small_cnn)):
+        utils.setup()  # seeds, deterministic ops and thread pools, as every notebook
+        found[kind] = compute()
+        utils.release_memory()
+    return found
+
+
+def recorded() -> dict[str, str]:
+    """The recording machine's digests, from ``tests/recording.json``."""
+    return json.loads(RECORDING.read_text())["fingerprints"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help="store this machine's digests")
+    args = parser.parse_args()
+    # The notebooks' setup cell, before TensorFlow starts.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    sys.path.insert(0, str(ROOT))
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # setup's version line
+        found = fingerprints()
+    if args.write:
+        RECORDING.write_text(json.dumps({"fingerprints": found}, indent=1) + "\n")
+    print(json.dumps(found))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Record the notebooks' stored outputs on this machine, and the digests that say which arithmetic.
+
+Runs every notebook top to bottom in a fresh kernel, as Restart & Run All does (02 before 03-05,
+which read its saved training; the retraining deep dive before 05, which shows its rows; the other
+deep dives last), writes each back with its outputs, copies the
+rows the retraining deep dive measured beside it for notebook 05, and stores this machine's digests
+in ``tests/recording.json`` (``tests/arithmetic.py``). From then on, this kind of CPU is the one
+on which nbval compares every cell. Run it on 2 cores, from the repository root::
+
+    python tests/record.py                     # every notebook
+    python tests/record.py notebooks/03_*.ipynb  # some of them (the digests are kept)
+
+The process settings are the notebooks' own (their setup cell); nothing else is set here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parent.parent
+ROWS = "retraining_remedies.json"
+# 02 saves the case that 03-05 and the deep dives read; the retraining deep dive measures the rows
+# 05 shows, so it runs before 05.
+_MAIN = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+_DEEP = sorted((ROOT / "notebooks" / "deep_dives").glob("*.ipynb"))
+_ROWS_NOTEBOOK = ROOT / "notebooks" / "deep_dives" / ROWS.replace(".json", ".ipynb")
+ORDER = [*_MAIN[:4], _ROWS_NOTEBOOK, *_MAIN[4:], *[p for p in _DEEP if p != _ROWS_NOTEBOOK]]
+
+
+def record(path: Path) -> float:
+    """Execute one notebook in a fresh kernel and write it back with its outputs; its seconds."""
+    notebook = nbformat.read(path, as_version=4)
+    start = time.perf_counter()
+    NotebookClient(
+        notebook, timeout=3600, kernel_name="python3", resources={"metadata": {"path": path.parent}}
+    ).execute()
+    nbformat.write(notebook, path)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("notebooks", nargs="*", type=Path, help="default: all, in order")
+    args = parser.parse_args()
+    chosen = {p.resolve() for p in args.notebooks} or set(ORDER)
+    for path in [p for p in ORDER if p in chosen]:
+        print(f"{path.relative_to(ROOT)}: {record(path):.0f} s", flush=True)
+        shipped, measured = ROOT / "notebooks" / "deep_dives" / ROWS, ROOT / "output" / ROWS
+        if path == _ROWS_NOTEBOOK and measured.read_bytes() != shipped.read_bytes():
+            # New rows: ship them, then record again, so that the notebook's own output says it
+            # checked the rows it ships.
+            shutil.copy(measured, shipped)
+            print(f"{path.relative_to(ROOT)}, again: {record(path):.0f} s", flush=True)
+    if not args.notebooks:
+        subprocess.run([sys.executable, str(ROOT / "tests" / "arithmetic.py"), "--write"], check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
