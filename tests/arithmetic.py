@@ -1,10 +1,10 @@
 """Does this machine compute the notebooks' trainings to the same bits as the one that recorded them?
 
-A training's last bits follow the CPU: the order in which a convolution adds its products depends
-on the kernel TensorFlow picks for the instruction set and cache sizes, and Adam's first updates,
-close to the sign of each gradient, carry a last-bit difference into a different model. So the
-outputs of cells downstream of a training can be compared with the stored ones only on a machine
-whose arithmetic reproduces the recording's.
+A training's last bits follow the CPU: the kernels TensorFlow runs for a convolution are chosen
+for the instruction set and split their sums by the cache sizes, and Adam's first updates carry a
+last-bit difference into a different model (README, "Decisions"). So the outputs of cells
+downstream of a training can be compared with the stored ones only on a machine whose arithmetic
+reproduces the recording's.
 
 This script tells, from computed bits rather than from the CPU's name: for each kind of model the
 notebooks train, it runs the first steps of such a training, with the notebooks' own process
@@ -23,12 +23,18 @@ The kinds:
   the shipped pictures, one eager update with Adam, as notebook 02 trains;
 - ``small-cnn``: the small CNN of notebooks 06-07: four graph-mode updates of
   ``utils.build_small_cnn`` on drawn patterns in batches of 16 (06) and four in batches of 32
-  (07's pretraining), and four eager updates in a ``tf.GradientTape`` loop (07's custom loop).
+  (07's pretraining), and eight eager updates in a ``tf.GradientTape`` loop (07's custom loop).
+
+The digests follow the code and packages too, not only the CPU: ``tests/recording.json`` also
+holds a digest of what the trainings are made of (``utils.py``, this file, the shipped pictures,
+the TensorFlow, Keras and NumPy versions). Where that differs, the recording cannot tell this
+CPU's arithmetic from a change in the code, and the plugin compares every cell.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -61,8 +67,8 @@ def _resnet50() -> str:
 
 
 def _small_cnn() -> str:
-    """Graph-mode ``fit`` in batches of 16 and of 32, and an eager ``GradientTape`` loop, on the
-    small CNN, four updates each."""
+    """Graph-mode ``fit`` in batches of 16 and of 32 (four updates each), and an eager
+    ``GradientTape`` loop (eight updates), on the small CNN."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -105,9 +111,36 @@ def fingerprints() -> dict[str, str]:
     return found
 
 
-def recorded() -> dict[str, str]:
-    """The recording machine's digests, from ``tests/recording.json``."""
-    return json.loads(RECORDING.read_text())["fingerprints"]
+def inputs() -> str:
+    """Digest of what the trainings are made of: the code, the pictures and the packages.
+
+    Returns:
+        16 hexadecimal digits of SHA-256 over ``utils.py``, this file, every file in
+        ``data/train/`` and the installed TensorFlow, Keras and NumPy versions.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    digest = hashlib.sha256()
+    files = [ROOT / "utils.py", Path(__file__), *sorted((ROOT / "data" / "train").iterdir())]
+    for path in files:
+        digest.update(path.name.encode() + path.read_bytes())
+    for names in (("tensorflow-cpu", "tensorflow"), ("keras",), ("numpy",)):
+        found = "missing"
+        for name in names:  # the CPU build, or the full one, of the same TensorFlow
+            with contextlib.suppress(PackageNotFoundError):
+                found = version(name)
+                break
+        digest.update(f"{names[0]}=={found}".encode())
+    return digest.hexdigest()[:16]
+
+
+def recorded() -> dict:
+    """The recording machine's digests and inputs, from ``tests/recording.json``.
+
+    Returns:
+        ``{"fingerprints": {kind: digest}, "inputs": digest}``.
+    """
+    return json.loads(RECORDING.read_text())
 
 
 def main() -> int:
@@ -118,13 +151,13 @@ def main() -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     sys.path.insert(0, str(ROOT))
-    import contextlib
     import io
 
     with contextlib.redirect_stdout(io.StringIO()):  # setup's version line
         found = fingerprints()
     if args.write:
-        RECORDING.write_text(json.dumps({"fingerprints": found}, indent=1) + "\n")
+        stored = {"fingerprints": found, "inputs": inputs()}
+        RECORDING.write_text(json.dumps(stored, indent=1) + "\n")
     print(json.dumps(found))
     return 0
 

@@ -8,10 +8,10 @@ the recording's.
 
 Usage, from the repository root, after the two runs::
 
-    python tests/compare_runs.py output/notebook_runs/2cpu-onednn0 output/notebook_runs/1cpu-onednn0
+    python tests/compare_runs.py output/notebook_runs/all-cpus output/notebook_runs/one-cpu
 
-Exit status 0: both runs hold the same notebooks and every cell's outputs agree; 1 otherwise, with
-the differing cells listed.
+Exit status 0: both runs hold the same notebooks, every cell's outputs agree, and both computed the
+same digests (``tests/arithmetic.py``); 1 otherwise, with the differences listed.
 """
 
 from __future__ import annotations
@@ -38,6 +38,15 @@ def load_run(folder: Path) -> dict[str, dict]:
     if not runs:
         raise FileNotFoundError(f"{folder} holds no recorded notebook: run nbval first")
     return runs
+
+
+def decisions(folder: Path) -> dict:
+    """What a run's plugin decided: this machine's digests and the kinds left uncompared."""
+    path = folder / "arithmetic.json"
+    if not path.exists():
+        return {}
+    report = json.loads(path.read_text())
+    return {"found": report["found"], "differs": report["differs"]}
 
 
 def differences(first: dict[str, dict], second: dict[str, dict]) -> list[str]:
@@ -68,6 +77,8 @@ def main() -> int:
     args = parser.parse_args()
     first, second = load_run(args.first), load_run(args.second)
     found = differences(first, second)
+    if decisions(args.first) != decisions(args.second):  # the digests: the same bits, too
+        found.append(f"the digests differ: {decisions(args.first)} and {decisions(args.second)}")
     cells = sum(len(cells) for cells in first.values())
     if found:
         print(f"{args.first.name} and {args.second.name} differ:")

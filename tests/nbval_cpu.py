@@ -8,10 +8,13 @@ A pytest plugin, loaded by the repository's ``conftest.py`` for every run of nbv
   names. Where it equals the recording machine's (``tests/recording.json``), every cell is
   compared with its stored outputs. Where it differs, the cells of that kind still run, and every
   check in them must hold, but their outputs are not compared; the run says so in one line. Every
-  other cell is compared on every machine. ``--nbval-compare-all`` compares every cell whatever
-  the digests say.
+  other cell is compared on every machine. Fail safe: where the code, pictures or packages differ
+  from the recording's (``arithmetic.inputs``), a differing digest may be a regression rather than
+  another CPU, so every cell is compared. ``--nbval-compare-all`` compares every cell whatever the
+  digests say.
 - Every run writes the outputs it got, sanitized as nbval compares them, to
-  ``output/notebook_runs/<label>/``, with the label ``<CPUs>cpu-onednn<setting>``.
+  ``output/notebook_runs/<label>/``: the label is ``$NBVAL_RUN_LABEL`` if set (the test command
+  names its runs), else ``<CPUs>cpu-onednn<setting>``.
   ``tests/compare_runs.py`` compares two such runs cell by cell: the same machine must give the
   same outputs on one CPU and on all of them, whatever CPU recorded the notebooks.
 
@@ -44,6 +47,7 @@ class ArithmeticReport:
     differs: list[str] = field(default_factory=list)
     uncompared: list[str] = field(default_factory=list)
     compare_all: bool = False
+    inputs_changed: bool = False
 
 
 def cell_kind(cell) -> str | None:
@@ -73,7 +77,9 @@ def cell_kind(cell) -> str | None:
 
 
 def run_label() -> str:
-    """``<CPUs>cpu-onednn<setting>``: how many CPUs this process may use, and oneDNN's setting."""
+    """``$NBVAL_RUN_LABEL``, else ``<CPUs>cpu-onednn<setting>`` (CPUs this process may use)."""
+    if os.environ.get("NBVAL_RUN_LABEL"):
+        return os.environ["NBVAL_RUN_LABEL"]
     cpus = len(os.sched_getaffinity(0))
     return f"{cpus}cpu-onednn{os.environ.get('TF_ENABLE_ONEDNN_OPTS', '0')}"
 
@@ -108,12 +114,14 @@ def pytest_collection_modifyitems(session, config, items):
     config.stash[REPORT] = report
     if not kinds:
         return
-    from arithmetic import recorded
+    from arithmetic import inputs, recorded
 
-    report.recorded = recorded()
+    stored = recorded()
+    report.recorded = stored["fingerprints"]
     report.found = _this_machine()
     report.differs = sorted(k for k in kinds if report.found[k] != report.recorded[k])
-    if report.compare_all:
+    report.inputs_changed = stored["inputs"] != inputs()
+    if report.compare_all or report.inputs_changed:
         return
     for item in cells:
         if cell_kind(item.cell) in report.differs:
@@ -171,6 +179,12 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     if not report.differs:
         line = "this machine computes the trainings to the recording's bits: every cell compared"
+    elif report.inputs_changed:
+        line = (
+            "the code, pictures or packages differ from the recording's (tests/recording.json), "
+            "so a differing digest cannot be told from a regression: every cell compared "
+            "(re-record with python tests/record.py)"
+        )
     elif report.compare_all:
         line = (
             f"this machine's arithmetic differs from the recording's ({', '.join(report.differs)}),"

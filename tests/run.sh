@@ -4,33 +4,44 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The command sets the process settings on which the bits depend, whatever the caller exported:
+# oneDNN's kernels off (lane B turns them on for its one run) and TensorFlow's pools left to
+# utils.setup().
+export TF_ENABLE_ONEDNN_OPTS=0
+unset TF_NUM_INTRAOP_THREADS TF_NUM_INTEROP_THREADS NBVAL_RUN_LABEL
+
 # The CPUs this process may use, whichever they are: two lanes run side by side, one CPU each
 # (on a machine with one CPU, both lanes share it, one after the other).
 read -r -a cpus <<< "$(python -c 'import os; print(*sorted(os.sched_getaffinity(0)))')"
+if [ "${#cpus[@]}" -eq 0 ]; then
+    echo "tests/run.sh: no usable CPU found (is python the environment's?)" >&2
+    exit 1
+fi
 lane_a=${cpus[0]}
 lane_b=${cpus[1]:-${cpus[0]}}
-nbval=(--nbval --nbval-sanitize-with tests/sanitize.cfg)
+nbval=(--nbval --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg)
 runs=output/notebook_runs
-rm -rf "$runs"  # each notebook run records its outputs afresh
+# Each run starts from the same state: no recorded outputs, and no rows that an earlier run of
+# the retraining deep dive left for notebook 05 (05 runs before the deep dive in every run).
+rm -rf "$runs" output/retraining_remedies.json
 
 # 1. On all CPUs: the unit and system tests, and every notebook compared with its stored outputs
 #    (strictly where this machine reproduces the recording's arithmetic: tests/nbval_cpu.py).
-python -m pytest "${nbval[@]}" tests notebooks --ignore tests/test_binder_session.py --ignore tests/test_own_images.py
+NBVAL_RUN_LABEL=all-cpus python -m pytest "${nbval[@]}" tests notebooks --ignore tests/test_binder_session.py --ignore tests/test_own_images.py
 
 # 2. Lane A, one CPU: every notebook again, compared with the stored outputs and with step 1's run
-#    (the same machine gives the same bits on one CPU and on all), then the drawn formats.
+#    (one machine gives the same outputs on one CPU and on all), then the drawn formats.
 lane_one() {
-    taskset -c "$lane_a" python -m pytest "${nbval[@]}" notebooks || return
-    if [ "${#cpus[@]}" -gt 1 ]; then
-        python tests/compare_runs.py "$runs/${#cpus[@]}cpu-onednn0" "$runs/1cpu-onednn0" || return
-    fi
+    rm -f output/retraining_remedies.json
+    NBVAL_RUN_LABEL=one-cpu taskset -c "$lane_a" python -m pytest "${nbval[@]}" notebooks || return
+    python tests/compare_runs.py "$runs/all-cpus" "$runs/one-cpu" || return
     taskset -c "$lane_a" python -m pytest tests/test_own_images.py -k formats
 }
 # 3. Lane B, one CPU: the notebooks as on another kind of CPU (oneDNN's kernels add in another
 #    order; the retraining deep dive's branch for other bits runs in the picture tests), then the
 #    Binder-like session and the photograph-like pictures.
 lane_two() {
-    TF_ENABLE_ONEDNN_OPTS=1 taskset -c "$lane_b" python -m pytest "${nbval[@]}" notebooks --ignore notebooks/deep_dives/retraining_remedies.ipynb || return
+    TF_ENABLE_ONEDNN_OPTS=1 NBVAL_RUN_LABEL=other-cpu taskset -c "$lane_b" python -m pytest "${nbval[@]}" notebooks --ignore notebooks/deep_dives/retraining_remedies.ipynb || return
     taskset -c "$lane_b" python -m pytest tests/test_binder_session.py || return
     taskset -c "$lane_b" python -m pytest tests/test_own_images.py -k photographs
 }

@@ -37,6 +37,23 @@ def test_every_tag_names_a_kind_the_digests_cover():
             cell_kind(cell)  # raises for an unknown kind or two tags
 
 
+# nbval leaves a cell uncompared when its stored outputs were never run, or when a marker says so.
+# The one cell allowed: 01's os.listdir, whose order is the file system's (the lesson's point).
+ALLOWED_MARKERS = {("01_load_images.ipynb", 2): "NBVAL_IGNORE_OUTPUT"}
+MARKERS = ("NBVAL_", "PYTEST_VALIDATE_", "nbval-", "raises-exception")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_nbval_compares_every_cell_but_the_listed_ones(path):
+    cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    for number, cell in enumerate(cells):
+        assert cell.execution_count is not None, f"{path.name} cell {number}: never run"
+        words = cell.source.split() + cell.metadata.get("tags", [])
+        markers = [w for w in words if w.lstrip("#").startswith(MARKERS)]
+        allowed = ALLOWED_MARKERS.get((path.name, number))
+        assert all(m.lstrip("#").rstrip(":") == allowed for m in markers), (path.name, number)
+
+
 def test_docs_list_the_cells_compared_only_on_the_recording_cpu():
     """docs/testing.md's table names, per notebook, the cells left uncompared on another CPU."""
     text = (ROOT / "docs" / "testing.md").read_text(encoding="utf-8")
@@ -89,9 +106,10 @@ def test_a_portable_output_changed_by_one_digit_fails_on_another_cpu():
     copy = folder / source.name
     nbformat.write(notebook, copy)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "--nbval", "--nbval-sanitize-with", "tests/sanitize.cfg",
-         "-p", "no:cacheprovider", "-q", str(copy)],
-        cwd=ROOT, env=os.environ | OTHER_CPU, capture_output=True, text=True, check=False,
+        [sys.executable, "-m", "pytest", "--nbval", "--nbval-current-env", "--nbval-sanitize-with",
+         "tests/sanitize.cfg", "-p", "no:cacheprovider", "-q", str(copy)],
+        cwd=ROOT, env=os.environ | OTHER_CPU | {"NBVAL_RUN_LABEL": "portability-test"},
+        capture_output=True, text=True, check=False,
     )
     failed = re.findall(r"FAILED \S+::Cell (\d+)", result.stdout)
     assert failed == [str(code.index(changed))], result.stdout[-3000:]

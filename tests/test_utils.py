@@ -1184,3 +1184,15 @@ def test_load_images_raises_only_the_documented_types(tmp_path):
         with pytest.raises((FileNotFoundError, ValueError)) as info:
             utils.load_images(folder)
         assert type(info.value) in (FileNotFoundError, ValueError)
+
+
+def test_weights_digest_follows_every_weight_and_moving_statistic():
+    first, second = utils.build_small_cnn(), utils.build_small_cnn()  # the same seed
+    assert utils.weights_digest(first) == utils.weights_digest(second)
+    second.get_layer("bn3").moving_variance.assign(
+        second.get_layer("bn3").moving_variance.numpy() * 2)
+    assert utils.weights_digest(first) != utils.weights_digest(second)
+    third = utils.build_small_cnn()
+    kernel = third.get_layer("conv1").kernel
+    kernel.assign(np.nextafter(kernel.numpy(), np.inf))  # one last bit in every value
+    assert utils.weights_digest(first) != utils.weights_digest(third)
