@@ -26,9 +26,9 @@ The kinds:
   (07's pretraining), and eight eager updates in a ``tf.GradientTape`` loop (07's custom loop).
 
 The digests follow the code and packages too, not only the CPU: ``tests/recording.json`` also
-holds a digest of what the trainings are made of (``utils.py``, this file, the shipped pictures,
-the TensorFlow, Keras and NumPy versions). Where that differs, the recording cannot tell this
-CPU's arithmetic from a change in the code, and the plugin compares every cell.
+holds a digest of what the trainings are made of (``utils.py``, ``bn_toolkit.py``, this file, the
+shipped pictures, the TensorFlow, Keras and NumPy versions). Where that differs, the recording
+cannot tell this CPU's arithmetic from a change in the code, and the plugin compares every cell.
 """
 
 from __future__ import annotations
@@ -115,13 +115,14 @@ def inputs() -> str:
     """Digest of what the trainings are made of: the code, the pictures and the packages.
 
     Returns:
-        16 hexadecimal digits of SHA-256 over ``utils.py``, this file, every file in
-        ``data/train/`` and the installed TensorFlow, Keras and NumPy versions.
+        16 hexadecimal digits of SHA-256 over ``utils.py``, ``bn_toolkit.py``, this file, every
+        file in ``data/train/`` and the installed TensorFlow, Keras and NumPy versions.
     """
     from importlib.metadata import PackageNotFoundError, version
 
     digest = hashlib.sha256()
-    files = [ROOT / "utils.py", Path(__file__), *sorted((ROOT / "data" / "train").iterdir())]
+    files = [ROOT / "utils.py", ROOT / "bn_toolkit.py", Path(__file__),
+             *sorted((ROOT / "data" / "train").iterdir())]
     for path in files:
         digest.update(path.name.encode() + path.read_bytes())
     for names in (("tensorflow-cpu", "tensorflow"), ("keras",), ("numpy",)):

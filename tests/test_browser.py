@@ -145,7 +145,8 @@ def series_copy(tmp_path):
     ignore = shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__")
     shutil.copytree(ROOT / "notebooks", copy / "notebooks", ignore=ignore)
     shutil.copytree(ROOT / "data", copy / "data", ignore=ignore)
-    shutil.copy2(ROOT / "utils.py", copy / "utils.py")
+    for module in ("utils.py", "bn_toolkit.py"):  # utils imports the toolkit
+        shutil.copy2(ROOT / module, copy / module)
     return copy
 
 

@@ -1,10 +1,15 @@
-"""Importing ``utils`` changes nothing in the learner's process (README, "Your own model"): no
-environment variable (so no C++ log level), thread pool, Python log level, fd 2 or determinism."""
+"""Importing ``utils`` or ``bn_toolkit`` changes nothing in the learner's process (README, "Your
+own model"): no environment variable (so no C++ log level), thread pool, Python log level, fd 2,
+determinism or seed. ``bn_toolkit`` stands alone: Keras, NumPy, TensorFlow and the standard
+library only, never ``utils``."""
 
+import ast
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,8 +22,11 @@ os.dup2 = lambda *a, **k: (calls.append("dup2"), real_dup2(*a, **k))[1]
 os.dup = lambda *a, **k: (calls.append("dup"), real_dup(*a, **k))[1]
 env, fd2 = dict(os.environ), os.fstat(2)
 log_level = tf.get_logger().level
+import random, numpy
+random_state = [numpy.random.get_state()[1][:4].tolist(), list(random.getstate()[1][:4])]
 sys.path.insert(0, sys.argv[1])
-import utils
+before = set(sys.modules)
+__import__(sys.argv[2])
 os.dup2, os.dup = real_dup2, real_dup
 after = os.fstat(2)
 print(json.dumps({
@@ -30,20 +38,48 @@ print(json.dumps({
     "fd2_same": (fd2.st_dev, fd2.st_ino) == (after.st_dev, after.st_ino),
     "fd_calls": calls,
     "determinism": __import__("tensorflow.python.framework.config", fromlist=["x"]).is_op_determinism_enabled(),
+    "seeded": [numpy.random.get_state()[1][:4].tolist(),
+               list(random.getstate()[1][:4])] != random_state,
+    "new_modules": sorted({m.split(".")[0] for m in set(sys.modules) - before}),
 }))
 """
 
 
-def test_import_after_tensorflow_changes_nothing():
-    done = subprocess.run([sys.executable, "-c", PROBE, str(ROOT)], capture_output=True,
+@pytest.mark.parametrize("module", ["utils", "bn_toolkit"])
+def test_import_after_tensorflow_changes_nothing(module):
+    done = subprocess.run([sys.executable, "-c", PROBE, str(ROOT), module], capture_output=True,
                           text=True, timeout=300, env={"PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout.strip().splitlines()[-1])
-    assert seen["env"] == {}, "import utils set or changed environment variables"
-    assert seen["pools"] == [0, 0], "import utils fixed TensorFlow's thread pools"
-    assert seen["log_level_same"], "import utils changed TensorFlow's Python log level"
-    assert seen["fd2_same"] and seen["fd_calls"] == [], "import utils touched file descriptor 2"
-    assert seen["determinism"] is False, "import utils switched op determinism on"
+    assert seen["env"] == {}, f"import {module} set or changed environment variables"
+    assert seen["pools"] == [0, 0], f"import {module} fixed TensorFlow's thread pools"
+    assert seen["log_level_same"], f"import {module} changed TensorFlow's Python log level"
+    assert seen["fd2_same"] and seen["fd_calls"] == [], f"import {module} touched fd 2"
+    assert seen["determinism"] is False, f"import {module} switched op determinism on"
+    assert seen["seeded"] is False, f"import {module} seeded NumPy's global generator"
+    if module == "bn_toolkit":  # stands alone (TensorFlow itself loads Pillow and IPython)
+        assert "utils" not in seen["new_modules"], "import bn_toolkit imported utils"
+
+
+def test_bn_toolkit_imports_only_keras_numpy_tensorflow_and_the_standard_library():
+    """Every import statement of bn_toolkit.py, at any depth; IPython only inside a function, to
+    show a table where it is installed (bn_toolkit works without it)."""
+    tree = ast.parse((ROOT / "bn_toolkit.py").read_text(encoding="utf-8"))
+    allowed = set(sys.stdlib_module_names) | {"__future__", "keras", "numpy", "tensorflow"}
+    top_level = {id(node) for node in tree.body}
+    found = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        else:
+            continue
+        for name in (n.split(".")[0] for n in names):  # name -> imported at module level
+            found[name] = found.get(name, False) or id(node) in top_level
+    assert {"keras", "numpy", "tensorflow"} <= set(found)
+    others = {name for name in found if name not in allowed}
+    assert others <= {"IPython"} and not found.get("IPython"), f"bn_toolkit imports {others}"
 
 
 SETUP_AFTER_AN_OPERATION = r"""

@@ -9,6 +9,11 @@ The series shows an idea in the open first and lets ``utils`` carry it afterward
   "Introduced in notebook NN" (optionally ", section S"), and NN is the first notebook that
   introduces it; a section number, when given, is a numbered heading of that notebook.
 
+The toolkit (``bn_toolkit.py``, re-exported by ``utils`` under the same names) is held to the
+first rule like every other ``utils.NAME``. Its docstrings document the toolkit for a learner's
+own model, not the series, so the second rule applies to the helpers defined in ``utils.py``;
+where a lesson writes a toolkit function's core out, the lesson must be the first to introduce it.
+
 The notebooks are found by their names (``notebooks/NN_*.ipynb``), so new ones are covered.
 """
 
@@ -19,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+import bn_toolkit
 import utils
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,13 +55,14 @@ def _public_helpers():
 
 
 def _public_names():
-    """Every public attribute of utils that is its own (helpers and constants, not modules)."""
+    """Every public attribute of utils that is its own or the toolkit's it re-exports (helpers and
+    constants, not modules)."""
     names = set()
     for name, value in vars(utils).items():
         if name.startswith("_") or inspect.ismodule(value):
             continue
-        if inspect.isfunction(value) or inspect.isclass(value):  # imported ones are not utils'
-            if getattr(value, "__module__", None) != utils.__name__:
+        if inspect.isfunction(value) or inspect.isclass(value):  # other imports are not utils'
+            if getattr(value, "__module__", None) not in (utils.__name__, bn_toolkit.__name__):
                 continue
         elif not name.isupper():  # other values: the module's constants (DATA_DIR, SEED, ...)
             continue
@@ -201,9 +208,15 @@ TOOLKIT = {"diagnose_batchnorm", "gaps_table_html", "LayerGap", "recalibrate_bat
 @pytest.mark.parametrize("name", sorted(CORES))
 def test_a_helper_introduced_in_a_lesson_has_its_core_written_out_there(name):
     number, core = CORES[name]
-    assert re.search(core, inspect.getsource(utils)), f"utils.py no longer runs {core!r}"
-    doc = " ".join((inspect.getdoc(getattr(utils, name)) or "").split())
-    assert f"Notebook {number}" in doc, f"utils.{name} says it is introduced elsewhere"
+    module = inspect.getmodule(getattr(utils, name))  # utils, or bn_toolkit for the toolkit
+    assert re.search(core, inspect.getsource(module)), (
+        f"{module.__name__}.py no longer runs {core!r}")
+    if module is utils:
+        doc = " ".join((inspect.getdoc(getattr(utils, name)) or "").split())
+        assert f"Notebook {number}" in doc, f"utils.{name} says it is introduced elsewhere"
+    else:  # the toolkit's docstring does not name the series' notebooks: the notebooks do
+        first = _first_introduction({name}).get(name)
+        assert first == number, f"utils.{name}: notebook {first} introduces it, not {number}"
     path = next(p for p in NOTEBOOKS if _number(p) == number)
     lines = [line for cell in _cells(path) if cell["cell_type"] == "code"
              for line in "".join(cell["source"]).splitlines() if "utils." not in line]

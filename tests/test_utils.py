@@ -20,6 +20,7 @@ import pytest
 from IPython.display import HTML
 from PIL import Image
 
+import bn_toolkit
 import utils
 from utils import keras, tf
 
@@ -1141,21 +1142,37 @@ def test_precise_bn_recalibrates_before_validation_and_only_inside_fit(tiny, dat
     assert len(precise.results) == 2  # evaluate alone does not recalibrate
 
 
-def test_every_public_helper_is_tested():
-    """Fails when utils.py gains a public function or class that no test file calls."""
-    import inspect
-
-    here = Path(inspect.getsourcefile(test_every_public_helper_is_tested)).parent
-    source = "\n".join(p.read_text(encoding="utf-8") for p in sorted(here.glob("test_*.py")))
-    public = [
+def _defined_in(module):
+    """Public functions and classes defined in ``module`` (not imported into it)."""
+    return [
         name
-        for name, value in vars(utils).items()
+        for name, value in vars(module).items()
         if not name.startswith("_")
         and (inspect.isfunction(value) or inspect.isclass(value))
-        and getattr(value, "__module__", None) == utils.__name__
+        and getattr(value, "__module__", None) == module.__name__
     ]
+
+
+def test_every_public_helper_is_tested():
+    """Fails when utils.py or bn_toolkit.py gains a public function or class that no test file
+    calls (the toolkit's as ``utils.NAME``, the same object, or as ``bn_toolkit.NAME``)."""
+    here = Path(inspect.getsourcefile(test_every_public_helper_is_tested)).parent
+    source = "\n".join(p.read_text(encoding="utf-8") for p in sorted(here.glob("test_*.py")))
+    public, toolkit = _defined_in(utils), _defined_in(bn_toolkit)
     untested = [name for name in public if f"utils.{name}" not in source]
-    assert public and not untested, f"no test calls: {untested}"
+    untested += [name for name in toolkit
+                 if f"utils.{name}" not in source and f"bn_toolkit.{name}" not in source]
+    assert public and toolkit and not untested, f"no test calls: {untested}"
+
+
+def test_utils_re_exports_the_whole_toolkit_as_the_same_objects():
+    """``utils.NAME`` is ``bn_toolkit.NAME`` for every public name of the toolkit, and its
+    ``__all__`` lists exactly them: one implementation, wherever a learner imports it from."""
+    toolkit = _defined_in(bn_toolkit)
+    assert sorted(bn_toolkit.__all__) == sorted(toolkit)
+    other = [n for n in toolkit if getattr(utils, n, None) is not getattr(bn_toolkit, n)]
+    assert other == [], f"utils.NAME is not bn_toolkit.NAME for {other}"
+    assert not set(toolkit) & set(_defined_in(utils)), "defined in both modules"
 
 
 # --- memory and errors --------------------------------------------------------------------
