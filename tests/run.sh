@@ -25,6 +25,9 @@ runs=output/notebook_runs
 # the retraining deep dive left for notebook 05 (05 runs before the deep dive in every run).
 rm -rf "$runs" output/retraining_remedies.json
 
+# 0. The toolkit's code is formatted and lint-free (ruff.toml says which files).
+ruff check . && ruff format --check .
+
 # 1. On all CPUs: the unit and system tests, and every notebook compared with its stored outputs
 #    (strictly where this machine reproduces the recording's arithmetic: tests/nbval_cpu.py).
 NBVAL_RUN_LABEL=all-cpus python -m pytest "${nbval[@]}" tests notebooks --ignore tests/test_binder_session.py --ignore tests/test_own_images.py
