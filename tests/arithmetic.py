@@ -14,8 +14,12 @@ computes the same digests, so it is always compared strictly.
 
 Usage, from the repository root::
 
-    python tests/arithmetic.py            # print this machine's digests and whether they match
+    python tests/arithmetic.py            # this machine's digests, and whether they match
     python tests/arithmetic.py --write    # store them, after re-recording the notebooks here
+
+After a change to the code that leaves every notebook's outputs as they are (a comment, a
+refactoring the tests show to be exact), ``--write`` on the recording kind of CPU, where every
+kind still reads "the recording's", refreshes the digest of the inputs alone.
 
 The kinds:
 
@@ -43,7 +47,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDING = ROOT / "tests" / "recording.json"
-KINDS = ("resnet50", "small-cnn")
 
 
 def _digest(model) -> str:
@@ -95,6 +98,11 @@ def _small_cnn() -> str:
     return "".join(digests) + _digest(eager)
 
 
+#: Each kind of training the notebooks run, and the first steps that stand for it.
+TRAININGS = {"resnet50": _resnet50, "small-cnn": _small_cnn}
+KINDS = tuple(TRAININGS)
+
+
 def fingerprints() -> dict[str, str]:
     """This machine's digest for each kind, computed with the notebooks' process settings.
 
@@ -104,7 +112,7 @@ def fingerprints() -> dict[str, str]:
     import utils
 
     found = {}
-    for kind, compute in (("resnet50", _resnet50), ("small-cnn", _small_cnn)):
+    for kind, compute in TRAININGS.items():
         utils.setup()  # seeds, deterministic ops and thread pools, as every notebook
         found[kind] = compute()
         utils.release_memory()
@@ -125,7 +133,8 @@ def inputs() -> str:
              *sorted((ROOT / "data" / "train").iterdir())]
     for path in files:
         digest.update(path.name.encode() + path.read_bytes())
-    for names in (("tensorflow-cpu", "tensorflow"), ("keras",), ("numpy",)):
+    digest.update(f"python=={sys.version_info[:3]}".encode())
+    for names in (("tensorflow-cpu", "tensorflow"), ("keras",), ("numpy",), ("pillow",)):
         found = "missing"
         for name in names:  # the CPU build, or the full one, of the same TensorFlow
             with contextlib.suppress(PackageNotFoundError):
@@ -156,6 +165,12 @@ def main() -> int:
 
     with contextlib.redirect_stdout(io.StringIO()):  # setup's version line
         found = fingerprints()
+    stored = recorded()
+    for kind, digest in found.items():  # for the reader, on stderr: stdout's last line is data
+        same = "the recording's" if digest == stored["fingerprints"].get(kind) else "other bits"
+        print(f"{kind}: {same}", file=sys.stderr)
+    same_inputs = "the recording's" if inputs() == stored["inputs"] else "changed"
+    print(f"code, pictures and packages: {same_inputs}", file=sys.stderr)
     if args.write:
         stored = {"fingerprints": found, "inputs": inputs()}
         RECORDING.write_text(json.dumps(stored, indent=1) + "\n")

@@ -10,13 +10,17 @@ on which nbval compares every cell. Run it on 2 cores, from the repository root:
     python tests/record.py                     # every notebook
     python tests/record.py notebooks/03_*.ipynb  # some, where the digests match the recording's
 
-The process settings are the notebooks' own (their setup cell); nothing else is set here.
+The process settings on which the outputs depend are fixed as the test command fixes them
+(tests/run.sh): the shipped pictures, TensorFlow's C++ logs off, oneDNN's custom operations off,
+TensorFlow's pools left to ``utils.setup()``. Run it on 2 cores (``taskset -c 0,1`` on a larger
+machine), as the first screens' costs and the test command's first run are measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -34,7 +38,9 @@ RECORDING = ROOT / "tests" / "recording.json"
 _MAIN = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 _DEEP = sorted((ROOT / "notebooks" / "deep_dives").glob("*.ipynb"))
 _ROWS_NOTEBOOK = ROOT / "notebooks" / "deep_dives" / ROWS.replace(".json", ".ipynb")
-ORDER = [*_MAIN[:4], _ROWS_NOTEBOOK, *_MAIN[4:], *[p for p in _DEEP if p != _ROWS_NOTEBOOK]]
+_BEFORE_ROWS = [p for p in _MAIN if p.name < "05"]
+ORDER = [*_BEFORE_ROWS, _ROWS_NOTEBOOK, *[p for p in _MAIN if p not in _BEFORE_ROWS],
+         *[p for p in _DEEP if p != _ROWS_NOTEBOOK]]
 
 
 def record(path: Path) -> float:
@@ -52,6 +58,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="*", type=Path, help="default: all, in order")
     args = parser.parse_args()
+    os.environ.update(TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="3")
+    for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "BN_SERIES_DATA"):
+        os.environ.pop(name, None)
     chosen = {p.resolve() for p in args.notebooks} or set(ORDER)
     if args.notebooks:  # some notebooks only: they must join a recording of this arithmetic
         found = subprocess.run([sys.executable, str(ROOT / "tests" / "arithmetic.py")],

@@ -4,11 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The command sets the process settings on which the bits depend, whatever the caller exported:
-# oneDNN's kernels off (lane B turns them on for its one run) and TensorFlow's pools left to
-# utils.setup().
-export TF_ENABLE_ONEDNN_OPTS=0
-unset TF_NUM_INTRAOP_THREADS TF_NUM_INTEROP_THREADS NBVAL_RUN_LABEL
+# The command sets the process settings on which the outputs depend, whatever the caller exported:
+# the shipped pictures, TensorFlow's C++ logs off, oneDNN's custom operations off (lane B turns
+# them on for its one run) and TensorFlow's pools left to utils.setup().
+export TF_ENABLE_ONEDNN_OPTS=0 TF_CPP_MIN_LOG_LEVEL=3
+unset TF_NUM_INTRAOP_THREADS TF_NUM_INTEROP_THREADS NBVAL_RUN_LABEL BN_SERIES_DATA
 
 # The CPUs this process may use, whichever they are: two lanes run side by side, one CPU each
 # (on a machine with one CPU, both lanes share it, one after the other).
@@ -17,8 +17,8 @@ if [ "${#cpus[@]}" -eq 0 ]; then
     echo "tests/run.sh: no usable CPU found (is python the environment's?)" >&2
     exit 1
 fi
-lane_a=${cpus[0]}
-lane_b=${cpus[1]:-${cpus[0]}}
+cpu_a=${cpus[0]}
+cpu_b=${cpus[1]:-${cpus[0]}}
 nbval=(--nbval --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg)
 runs=output/notebook_runs
 # Each run starts from the same state: no recorded outputs, and no rows that an earlier run of
@@ -26,7 +26,8 @@ runs=output/notebook_runs
 rm -rf "$runs" output/retraining_remedies.json
 
 # 0. The toolkit's code is formatted and lint-free (ruff.toml says which files).
-ruff check . && ruff format --check .
+ruff check .
+ruff format --check .
 
 # 1. On all CPUs: the unit and system tests, and every notebook compared with its stored outputs
 #    (strictly where this machine reproduces the recording's arithmetic: tests/nbval_cpu.py).
@@ -34,26 +35,26 @@ NBVAL_RUN_LABEL=all-cpus python -m pytest "${nbval[@]}" tests notebooks --ignore
 
 # 2. Lane A, one CPU: every notebook again, compared with the stored outputs and with step 1's run
 #    (one machine gives the same outputs on one CPU and on all), then the drawn formats.
-lane_one() {
+lane_a() {
     rm -f output/retraining_remedies.json
-    NBVAL_RUN_LABEL=one-cpu taskset -c "$lane_a" python -m pytest "${nbval[@]}" notebooks || return
+    NBVAL_RUN_LABEL=one-cpu taskset -c "$cpu_a" python -m pytest "${nbval[@]}" notebooks || return
     python tests/compare_runs.py "$runs/all-cpus" "$runs/one-cpu" || return
-    taskset -c "$lane_a" python -m pytest tests/test_own_images.py -k formats
+    taskset -c "$cpu_a" python -m pytest tests/test_own_images.py -k formats
 }
 # 3. Lane B, one CPU: the notebooks as on another kind of CPU (oneDNN's kernels add in another
 #    order; the retraining deep dive's branch for other bits runs in the picture tests), then the
 #    Binder-like session and the photograph-like pictures.
-lane_two() {
-    TF_ENABLE_ONEDNN_OPTS=1 NBVAL_RUN_LABEL=other-cpu taskset -c "$lane_b" python -m pytest "${nbval[@]}" notebooks --ignore notebooks/deep_dives/retraining_remedies.ipynb || return
-    taskset -c "$lane_b" python -m pytest tests/test_binder_session.py || return
-    taskset -c "$lane_b" python -m pytest tests/test_own_images.py -k photographs
+lane_b() {
+    TF_ENABLE_ONEDNN_OPTS=1 NBVAL_RUN_LABEL=other-cpu taskset -c "$cpu_b" python -m pytest "${nbval[@]}" notebooks --ignore notebooks/deep_dives/retraining_remedies.ipynb || return
+    taskset -c "$cpu_b" python -m pytest tests/test_binder_session.py || return
+    taskset -c "$cpu_b" python -m pytest tests/test_own_images.py -k photographs
 }
 if [ "${#cpus[@]}" -gt 1 ]; then
-    lane_two & second=$!
+    lane_b & second=$!
     status=0
-    lane_one || status=$?
+    lane_a || status=$?
     wait "$second" || status=$?
     exit "$status"
 fi
-lane_one
-lane_two
+lane_a
+lane_b
