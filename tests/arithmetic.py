@@ -49,16 +49,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RECORDING = ROOT / "tests" / "recording.json"
 
 
-def _digest(model) -> str:
-    """SHA-256 of every weight of ``model``, moving statistics included, in order."""
-    import numpy as np
-
-    digest = hashlib.sha256()
-    for weight in model.weights:
-        digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
-    return digest.hexdigest()[:16]
-
-
 def _resnet50() -> str:
     """One eager Adam update of the case's ResNet50 on the shipped pictures."""
     import utils
@@ -66,7 +56,7 @@ def _resnet50() -> str:
     images, labels, _ = utils.load_images(utils.ROOT / "data" / "train")
     model = utils.compile_model(utils.build_resnet50(num_classes=len(labels)))
     model.fit(images, labels, epochs=1, verbose=0)
-    return _digest(model)
+    return utils.weights_digest(model)
 
 
 def _small_cnn() -> str:
@@ -84,7 +74,7 @@ def _small_cnn() -> str:
         graph = utils.compile_model(utils.build_small_cnn(), run_eagerly=False)
         graph.fit(images[: 4 * batch_size], labels[: 4 * batch_size], batch_size=batch_size,
                   epochs=1, shuffle=False, verbose=0)
-        digests.append(_digest(graph))
+        digests.append(utils.weights_digest(graph))
 
     eager = utils.build_small_cnn()
     optimizer = keras.optimizers.Adam(1e-3)
@@ -95,7 +85,7 @@ def _small_cnn() -> str:
             loss = loss_fn(y, eager(x, training=True))
         gradients = tape.gradient(loss, eager.trainable_variables)
         optimizer.apply_gradients(zip(gradients, eager.trainable_variables))
-    return "".join(digests) + _digest(eager)
+    return "".join(digests) + utils.weights_digest(eager)
 
 
 #: Each kind of training the notebooks run, and the first steps that stand for it.

@@ -8,7 +8,7 @@ the recording's.
 
 Usage, from the repository root, after the two runs::
 
-    python tests/compare_runs.py output/notebook_runs/all-cpus output/notebook_runs/one-cpu
+    python tests/compare_runs.py output/notebook_runs/all-cpus-onednn0 output/notebook_runs/one-cpu-onednn0
 
 Exit status 0: both runs hold the same notebooks, every cell's outputs agree, and both computed the
 same digests (``tests/arithmetic.py``); 1 otherwise, with the differences listed.
