@@ -22,13 +22,13 @@ from bn_toolkit import (  # noqa: F401  re-exported: utils.NAME is the toolkit's
 
 # --- Setup -----------------------------------------------------------------------------------
 _IMPORTED_AT = time.perf_counter()
-#: The one seed of the series (README, "Seed"); ``setup`` uses it. Notebook 01.
+#: The one seed of the series (docs/decisions.md, "Seed"); ``setup`` uses it. Notebook 01.
 SEED = 6
 #: Most epochs (= updates: one batch of all images each) a training gets. Introduced in notebook 02.
 MAX_EPOCHS = 20
 #: Side, in pixels, of the square images the network sees.
 IMAGE_SIZE = 197
-#: Threads in each of TensorFlow's two CPU pools that ``setup`` fixes (README, "Decisions").
+#: Threads in each of TensorFlow's two CPU pools that ``setup`` fixes (docs/decisions.md).
 THREADS = 2
 #: Oldest versions the notebooks work with, and why (the toolkit itself needs only Keras 3).
 MIN_VERSIONS = {

@@ -2,7 +2,7 @@
 
 A training's last bits follow the CPU: the kernels TensorFlow runs for a convolution are chosen
 for the instruction set and split their sums by the cache sizes, and Adam's first updates carry a
-last-bit difference into a different model (README, "Decisions"). So the outputs of cells
+last-bit difference into a different model (docs/decisions.md). So the outputs of cells
 downstream of a training can be compared with the stored ones only on a machine whose arithmetic
 reproduces the recording's.
 

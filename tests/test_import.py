@@ -1,5 +1,5 @@
-"""Importing ``utils`` or ``bn_toolkit`` changes nothing in the learner's process (README, "Your
-own model"): no environment variable (so no C++ log level), thread pool, Python log level, fd 2,
+"""Importing ``utils`` or ``bn_toolkit`` changes nothing in the learner's process (README, "Your own
+pictures and model"): no environment variable (so no C++ log level), thread pool, Python log level, fd 2,
 determinism or seed. ``bn_toolkit`` stands alone: Keras, NumPy, TensorFlow and the standard
 library only, never ``utils``."""
 
@@ -93,7 +93,7 @@ utils.setup()
 
 
 def test_setup_accepts_pools_the_environment_already_fixed():
-    """README's opt-out: pools set by environment variables before TensorFlow started, and an
+    """The opt-out of docs/decisions.md: pools set by environment variables before TensorFlow started, and an
     operation run before ``utils.setup()``; setup finds them and says their sizes."""
     env = {"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"}
     for sizes in ("2", "1"):

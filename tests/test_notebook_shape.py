@@ -102,6 +102,22 @@ def test_the_main_path_reads_in_one_sitting():
     assert sum(counts.values()) <= MAIN_PATH_WORDS, f"main path over {MAIN_PATH_WORDS}: {counts}"
 
 
+README_WORDS = 1500
+
+
+def test_readme_is_a_landing_page():
+    """README answers first and points the way; maintainers' material lives in docs/."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.split()) <= README_WORDS, f"README: {len(readme.split())} words"
+    headings = re.findall(r"^## (.+)$", readme, re.MULTILINE)
+    assert headings[:3] == ["The answer", "Check your own model", "The fix"], headings
+    for target in re.findall(r"\]\(((?:docs|notebooks)/[^)#]+)", readme):
+        assert (ROOT / target).exists(), f"README links to a missing {target}"
+    for page in (ROOT / "docs").glob("*.md"):
+        for target in re.findall(r"\]\(([^):#]+)\)", page.read_text(encoding="utf-8")):
+            assert (page.parent / target).exists(), f"{page.name} links to a missing {target}"
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_setup_checks_versions_and_last_cell_reports_cost(path):
     sources = code(path)

@@ -197,7 +197,7 @@ CORES = {
     "set_moving_statistics": ("05", r"\.moving_mean\.assign\("),
 }
 
-#: The toolkit for a learner's own model (README, "Your own model"): public even where a single
+#: The toolkit for a learner's own model (docs/toolkit.md): public even where a single
 #: notebook uses it.
 TOOLKIT = {"diagnose_batchnorm", "gaps_table_html", "LayerGap", "recalibrate_batchnorm",
            "Recalibration", "PreciseBN", "named_batchnorm_layers", "batchnorm_layers",

@@ -1,4 +1,4 @@
-"""README's plain-Keras recalibration gives the toolkit's pooled statistics."""
+"""README's plain-Keras check and fix, run exactly as printed there."""
 
 import re
 from pathlib import Path
@@ -9,32 +9,63 @@ import numpy as np
 import utils
 
 ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
-def _recipe():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    code = re.search(r"<!-- recipe -->\n```python\n(.*?)```", readme, re.S).group(1)
-    namespace = {}
-    exec(compile(code, "README recipe", "exec"), namespace)
-    return code, namespace["recalibrate"]
+def _block(marker: str) -> str:
+    return re.search(rf"## {marker}\n.*?```python\n(.*?)```", README, re.S).group(1)
 
 
-def test_the_recipe_is_short_and_matches_recalibrate_batchnorm():
-    code, recalibrate = _recipe()
-    assert len(code.strip().splitlines()) <= 25
+def _trained_nested_model():
+    """The small CNN inside an outer model (the recipe must reach nested models), trained a
+    little, with one BatchNormalization layer frozen."""
     x, y = utils.draw_patterns(128, rng=np.random.default_rng(0))
-    model = utils.build_small_cnn(seed=1)
+    inner = utils.build_small_cnn(seed=1)
+    model = keras.Sequential([keras.Input(x.shape[1:]), inner])
     model.compile(optimizer="adam", loss="categorical_crossentropy")
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    model.get_layer("bn2").trainable = False  # frozen: both leave it alone
-    frozen_before = utils.moving_statistics(model)["bn2"]
-    with utils.frozen_moving_statistics(model):
-        utils.recalibrate_batchnorm(model, x, batch_size=16)
+    inner.get_layer("bn2").trainable = False  # frozen: the fix leaves it alone
+    return model, inner, x, y
+
+
+def _weights(model):
+    return [keras.ops.convert_to_numpy(w) for w in model.weights]
+
+
+def test_the_fix_changes_only_the_moving_statistics_and_averages_the_batches():
+    code = re.search(r"<!-- recipe -->\n```python\n(.*?)```", README, re.S).group(1)
+    assert len([line for line in code.splitlines() if line.strip()]) <= 12
+    namespace = {}
+    exec(compile(code, "README recipe", "exec"), namespace)
+    model, inner, x, _ = _trained_nested_model()
+    frozen = inner.get_layer("bn2")
+    trained = [layer for layer in utils.batchnorm_layers(inner) if layer is not frozen]
+    allowed = {id(v) for layer in trained for v in (layer.moving_mean, layer.moving_variance)}
+    before = utils.moving_statistics(model)
+    with utils.frozen_moving_statistics(model):  # the toolkit's estimate, then put back
+        utils.recalibrate_batchnorm(model, x, batch_size=16, estimator="batch_mean")
         expected = utils.moving_statistics(model)
-    recalibrate(model, [x[i:i + 16] for i in range(0, 128, 16)])
+    weights = _weights(model)
+    namespace["recalibrate"](model, [x[i : i + 16] for i in range(0, 128, 16)])
+    for variable, old, new in zip(model.weights, weights, _weights(model)):
+        if id(variable) not in allowed:
+            assert np.array_equal(old, new), f"{variable.path} changed"
     got = utils.moving_statistics(model)
-    for path in ("bn1", "bn3"):
-        assert np.allclose(got[path][0], expected[path][0], rtol=1e-5, atol=1e-6)
-        assert np.allclose(got[path][1], expected[path][1], rtol=1e-4, atol=1e-6)
-    assert all(np.array_equal(a, b) for a, b in zip(got["bn2"], frozen_before))
+    for path, (mean, variance) in got.items():
+        if path.endswith("bn2"):
+            assert np.array_equal(variance, before[path][1])
+            continue
+        assert not np.allclose(variance, before[path][1]), f"{path} was not recalibrated"
+        assert np.allclose(mean, expected[path][0], rtol=1e-4, atol=1e-6), path
+        assert np.allclose(variance, expected[path][1], rtol=1e-4, atol=1e-6), path
     assert [layer.momentum for layer in utils.batchnorm_layers(model)] == [0.99] * 3
+
+
+def test_the_check_restores_the_model_and_prints_both_accuracies(capsys):
+    model, _, x, y = _trained_nested_model()
+    before = _weights(model)
+    exec(compile(_block("Check your own model"), "README check", "exec"),
+         {"model": model, "x_train": x, "y_train": y})
+    assert all(np.array_equal(a, b) for a, b in zip(before, _weights(model)))
+    printed = capsys.readouterr().out
+    assert re.search(r"training mode: [0-9.]+\nserved: +[0-9.]+\n", printed), printed
