@@ -1,4 +1,5 @@
-"""Does this machine compute the notebooks' trainings to the same bits as the one that recorded them?
+"""Does this machine compute the notebooks' trainings to the same bits as the one that recorded
+them?
 
 A training's last bits follow the CPU: the kernels TensorFlow runs for a convolution are chosen
 for the instruction set and split their sums by the cache sizes, and Adam's first updates carry a
@@ -72,8 +73,14 @@ def _small_cnn() -> str:
     digests = []
     for batch_size in (16, 32):  # 06 trains in batches of 16, 07 pretrains in batches of 32
         graph = utils.compile_model(utils.build_small_cnn(), run_eagerly=False)
-        graph.fit(images[: 4 * batch_size], labels[: 4 * batch_size], batch_size=batch_size,
-                  epochs=1, shuffle=False, verbose=0)
+        graph.fit(
+            images[: 4 * batch_size],
+            labels[: 4 * batch_size],
+            batch_size=batch_size,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+        )
         digests.append(utils.weights_digest(graph))
 
     eager = utils.build_small_cnn()
@@ -84,7 +91,7 @@ def _small_cnn() -> str:
         with tf.GradientTape() as tape:
             loss = loss_fn(y, eager(x, training=True))
         gradients = tape.gradient(loss, eager.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, eager.trainable_variables))
+        optimizer.apply_gradients(zip(gradients, eager.trainable_variables, strict=True))
     return "".join(digests) + utils.weights_digest(eager)
 
 
@@ -119,8 +126,12 @@ def inputs() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     digest = hashlib.sha256()
-    files = [ROOT / "utils.py", ROOT / "bn_toolkit.py", Path(__file__),
-             *sorted((ROOT / "data" / "train").iterdir())]
+    files = [
+        ROOT / "utils.py",
+        ROOT / "bn_toolkit.py",
+        Path(__file__),
+        *sorted((ROOT / "data" / "train").iterdir()),
+    ]
     for path in files:
         digest.update(path.name.encode() + path.read_bytes())
     digest.update(f"python=={sys.version_info[:3]}".encode())

@@ -54,7 +54,7 @@ EXIT_TARGET_MISSED = 3
 # The plain script, run as ``python -c PLAIN_SCRIPT <repository root>``. It prints
 # one line starting with the marker, holding its results and its own VmHWM as JSON.
 PLAIN_MARKER = "BENCHMARK-PLAIN-RESULT "
-PLAIN_SCRIPT = r'''
+PLAIN_SCRIPT = r"""
 import json
 import os
 import sys
@@ -100,7 +100,7 @@ print(__MARKER__ + json.dumps({
     "evaluate_loss": float(loss),
     "evaluate_accuracy": float(accuracy),
 }), flush=True)
-'''.replace("__MARKER__", repr(PLAIN_MARKER))
+""".replace("__MARKER__", repr(PLAIN_MARKER))
 
 # Run in the kernel after the notebook's last cell (outside the timing): the
 # kernel's own pid and VmHWM, to check the pid obtained from the kernel manager.
@@ -271,13 +271,13 @@ def run_plain(onednn: str, timeout: int) -> dict:
         return result
     result["seconds"] = time.perf_counter() - start
     line = next(
-        (l for l in completed.stdout.splitlines() if l.startswith(PLAIN_MARKER)), None
+        (text for text in completed.stdout.splitlines() if text.startswith(PLAIN_MARKER)), None
     )
     if completed.returncode != 0 or line is None:
         tail = (completed.stderr or completed.stdout).strip().splitlines()[-15:]
         result["error"] = f"exit status {completed.returncode}: " + "\n".join(tail)
         return result
-    details = json.loads(line[len(PLAIN_MARKER):])
+    details = json.loads(line[len(PLAIN_MARKER) :])
     result.update(details)
     result["ok"] = True
     kb = details.get("vmhwm_kb")
@@ -322,7 +322,9 @@ def machine() -> dict:
         "cores": os.cpu_count(),
         "memory_gb": memory_gb,
         "python": platform.python_version(),
-        "tensorflow": version("tensorflow-cpu") if version("tensorflow") == "not installed" else version("tensorflow"),
+        "tensorflow": version("tensorflow-cpu")
+        if version("tensorflow") == "not installed"
+        else version("tensorflow"),
         "keras": version("keras"),
         "platform": platform.platform(),
     }
@@ -345,7 +347,7 @@ def recalibration_cost(samples: int = 256, batch_size: int = 32, size: int = 64)
     keras.utils.set_random_seed(0)
     model = keras.applications.ResNet50(weights=None, input_shape=(size, size, 3), classes=10)
     x = np.random.default_rng(0).normal(size=(samples, size, size, 3)).astype("float32")
-    batches = [x[i:i + batch_size] for i in range(0, samples, batch_size)]
+    batches = [x[i : i + batch_size] for i in range(0, samples, batch_size)]
     model(batches[0], training=False)
 
     def eager():
@@ -362,8 +364,9 @@ def recalibration_cost(samples: int = 256, batch_size: int = 32, size: int = 64)
 
     def recalibrate():
         with utils.frozen_moving_statistics(model):
-            utils.recalibrate_batchnorm(model, x, batch_size=batch_size,
-                                        include_never_updated=True)
+            utils.recalibrate_batchnorm(
+                model, x, batch_size=batch_size, include_never_updated=True
+            )
 
     def best(run):
         times = []
@@ -378,8 +381,14 @@ def recalibration_cost(samples: int = 256, batch_size: int = 32, size: int = 64)
     tracing = time.perf_counter() - start
     eager()
     recalibrate()
-    result = {"eager": best(eager), "compiled": best(compiled), "first_compiled": tracing,
-              "recalibrate": best(recalibrate), "samples": samples, "batch_size": batch_size}
+    result = {
+        "eager": best(eager),
+        "compiled": best(compiled),
+        "first_compiled": tracing,
+        "recalibrate": best(recalibrate),
+        "samples": samples,
+        "batch_size": batch_size,
+    }
     result["vs_eager"] = result["recalibrate"] / result["eager"]
     result["vs_compiled"] = result["recalibrate"] / result["compiled"]
     return result
@@ -414,10 +423,14 @@ def summarize(notebooks: list[dict], plain: dict | None, complete: bool, availab
     for r in notebooks:
         value = r["seconds"] if r["ok"] else None
         status = "FAIL" if not r["ok"] else ("PASS" if value <= NOTEBOOK_SECONDS else "FAIL")
-        targets.append({
-            "target": f"{r['notebook']} at most {NOTEBOOK_SECONDS:.0f} s",
-            "value": value, "unit": "s", "status": status,
-        })
+        targets.append(
+            {
+                "target": f"{r['notebook']} at most {NOTEBOOK_SECONDS:.0f} s",
+                "value": value,
+                "unit": "s",
+                "status": status,
+            }
+        )
     all_ok = all(r["ok"] for r in notebooks)
     if not all_ok:
         series_status, note = "FAIL", "a notebook failed"
@@ -429,19 +442,28 @@ def summarize(notebooks: list[dict], plain: dict | None, complete: bool, availab
         series_status, note = "PASS", ""
     else:
         series_status, note = "n/a", f"partial run: {len(notebooks)} of {available} notebooks"
-    targets.append({
-        "target": f"whole series at most {SERIES_SECONDS:.0f} s",
-        "value": total_seconds, "unit": "s", "status": series_status, "note": note,
-    })
+    targets.append(
+        {
+            "target": f"whole series at most {SERIES_SECONDS:.0f} s",
+            "value": total_seconds,
+            "unit": "s",
+            "status": series_status,
+            "note": note,
+        }
+    )
     for r in notebooks:
         value = r["peak_mb"]
         status = "n/a" if value is None else ("PASS" if value <= KERNEL_MB else "FAIL")
         if value is None and not r["ok"]:
             status = "FAIL"
-        targets.append({
-            "target": f"{r['notebook']} kernel peak memory at most {KERNEL_MB:.0f} MB",
-            "value": value, "unit": "MB", "status": status,
-        })
+        targets.append(
+            {
+                "target": f"{r['notebook']} kernel peak memory at most {KERNEL_MB:.0f} MB",
+                "value": value,
+                "unit": "MB",
+                "status": status,
+            }
+        )
     return {
         "total_seconds": total_seconds,
         "max_peak_mb": max_peak,
@@ -452,8 +474,9 @@ def summarize(notebooks: list[dict], plain: dict | None, complete: bool, availab
     }
 
 
-def markdown(notebooks: list[dict], plain: dict | None, summary: dict, m: dict,
-             complete: bool) -> str:
+def markdown(
+    notebooks: list[dict], plain: dict | None, summary: dict, m: dict, complete: bool
+) -> str:
     lines = ["| notebook | seconds | peak memory (MB) |", "|---|---:|---:|"]
     for r in notebooks:
         name = r["notebook"] + ("" if r["ok"] else " (FAILED)")
@@ -473,13 +496,18 @@ def markdown(notebooks: list[dict], plain: dict | None, summary: dict, m: dict,
         lines.append(f"| ratio total / plain | {ratio_s} | {ratio_m} |")
     lines += ["", machine_line(m), "", "Targets:", ""]
     for t in summary["targets"]:
-        value = "n/a" if t["value"] is None else f"{t['value']:.{1 if t['unit'] == 's' else 0}f} {t['unit']}"
+        value = (
+            "n/a"
+            if t["value"] is None
+            else f"{t['value']:.{1 if t['unit'] == 's' else 0}f} {t['unit']}"
+        )
         note = f" ({t['note']})" if t.get("note") else ""
         lines.append(f"- {t['status']}: {t['target']}: {value}{note}")
     if plain is not None and plain.get("ok"):
         lines += [
             "",
-            f"Plain script: fit accuracy per epoch {[round(a, 3) for a in plain['fit_accuracy']]}, "
+            "Plain script: fit accuracy per epoch "
+            f"{[round(a, 3) for a in plain['fit_accuracy']]}, "
             f"predicted classes {plain['predicted']}, evaluate accuracy "
             f"{plain['evaluate_accuracy']:.3f}, loss {plain['evaluate_loss']:.4g}.",
         ]
@@ -511,26 +539,58 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         description="Time every notebook in a fresh kernel, and the plain script, "
         "against the series' targets."
     )
-    parser.add_argument("--only", nargs="+", metavar="NN",
-                        help="only these notebooks, by number (e.g. --only 01 03)")
-    parser.add_argument("--strict", action="store_true",
-                        help=f"exit with status {EXIT_TARGET_MISSED} if a target is missed")
-    parser.add_argument("--cell-timeout", type=int, default=1800, metavar="S",
-                        help="seconds allowed per cell (default 1800)")
-    parser.add_argument("--startup-timeout", type=int, default=180, metavar="S",
-                        help="seconds allowed for a kernel to start (default 180)")
-    parser.add_argument("--plain-timeout", type=int, default=1800, metavar="S",
-                        help="seconds allowed for the plain script (default 1800)")
-    parser.add_argument("--plain-onednn", choices=("default", "on", "off"), default="default",
-                        help="oneDNN for the plain script: TensorFlow's default (as in the "
-                        "original case), or forced on/off (the notebooks run with it off)")
-    parser.add_argument("--name", default="benchmark", metavar="NAME",
-                        help="write output/NAME.md and output/NAME.json (default: benchmark); "
-                        "e.g. --name benchmark-1cpu under taskset -c 0")
-    parser.add_argument("--recalibration", action="store_true",
-                        help="only measure recalibrate_batchnorm against eager and traced passes")
-    parser.add_argument("--no-plain", action="store_true",
-                        help="skip the plain script")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NN",
+        help="only these notebooks, by number (e.g. --only 01 03)",
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help=f"exit with status {EXIT_TARGET_MISSED} if a target is missed",
+    )
+    parser.add_argument(
+        "--cell-timeout",
+        type=int,
+        default=1800,
+        metavar="S",
+        help="seconds allowed per cell (default 1800)",
+    )
+    parser.add_argument(
+        "--startup-timeout",
+        type=int,
+        default=180,
+        metavar="S",
+        help="seconds allowed for a kernel to start (default 180)",
+    )
+    parser.add_argument(
+        "--plain-timeout",
+        type=int,
+        default=1800,
+        metavar="S",
+        help="seconds allowed for the plain script (default 1800)",
+    )
+    parser.add_argument(
+        "--plain-onednn",
+        choices=("default", "on", "off"),
+        default="default",
+        help="oneDNN for the plain script: TensorFlow's default (as in the "
+        "original case), or forced on/off (the notebooks run with it off)",
+    )
+    parser.add_argument(
+        "--name",
+        default="benchmark",
+        metavar="NAME",
+        help="write output/NAME.md and output/NAME.json (default: benchmark); "
+        "e.g. --name benchmark-1cpu under taskset -c 0",
+    )
+    parser.add_argument(
+        "--recalibration",
+        action="store_true",
+        help="only measure recalibrate_batchnorm against eager and traced passes",
+    )
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain script")
     return parser.parse_args(argv)
 
 
@@ -556,8 +616,11 @@ def main(argv: list[str] | None = None) -> int:
         r = run_notebook(path, args.cell_timeout, args.startup_timeout)
         notebooks.append(r)
         if r["ok"]:
-            print(f"  {r['seconds']:.1f} s, peak {_num(r['peak_mb'], 0)} MB "
-                  f"(kernel pid {r['kernel_pid']}, via {r['pid_source']})", flush=True)
+            print(
+                f"  {r['seconds']:.1f} s, peak {_num(r['peak_mb'], 0)} MB "
+                f"(kernel pid {r['kernel_pid']}, via {r['pid_source']})",
+                flush=True,
+            )
         else:
             where = "" if r["failed_cell"] is None else f" in cell index {r['failed_cell']}"
             print(f"  FAILED{where}: {r['error']}", file=sys.stderr, flush=True)
@@ -578,12 +641,15 @@ def main(argv: list[str] | None = None) -> int:
 
     OUTPUT.mkdir(exist_ok=True)
     report = {
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": [Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)],
         "machine": m,
         "complete_series": complete,
-        "targets_limits": {"notebook_seconds": NOTEBOOK_SECONDS,
-                           "series_seconds": SERIES_SECONDS, "kernel_mb": KERNEL_MB},
+        "targets_limits": {
+            "notebook_seconds": NOTEBOOK_SECONDS,
+            "series_seconds": SERIES_SECONDS,
+            "kernel_mb": KERNEL_MB,
+        },
         "notebooks": notebooks,
         "plain": plain,
         **summary,

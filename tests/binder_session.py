@@ -21,6 +21,7 @@ session. Exit status: 0 all ran; 1 a cell failed or a kernel died; 2 no memory c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -53,10 +54,8 @@ class MemoryCgroup:
             controllers = root / "cgroup.controllers"
             if not (controllers.is_file() and "memory" in controllers.read_text().split()):
                 continue
-            try:
+            with contextlib.suppress(OSError):
                 (root / "cgroup.subtree_control").write_text("+memory")
-            except OSError:
-                pass
             self.path = root / name
             self.path.mkdir()
             (self.path / "memory.max").write_text(str(limit_bytes))
@@ -72,10 +71,9 @@ class MemoryCgroup:
         (self.path / "cgroup.procs").write_text(str(os.getpid()))
 
     def reset_peak(self) -> None:
-        try:
+        # OSError: an older kernel; the peak then covers the session so far.
+        with contextlib.suppress(OSError):
             self.peak_file.write_text("0")
-        except OSError:  # an older kernel: the peak then covers the session so far
-            pass
 
     def peak_mb(self) -> float:
         return int(self.peak_file.read_text()) / 2**20
@@ -145,9 +143,11 @@ def run(notebooks: list[Path], memory_mb: int, cpu: int, keep_previous: bool) ->
             start, error, done = time.perf_counter(), None, threading.Event()
 
             def on_death(name=path.name, start=start, kept=previous):
-                print(f"{name}: {time.perf_counter() - start:.0f} s, peak {cgroup.peak_mb():.0f} MB"
-                      f" of {memory_mb}  FAILED: the kernel died (killed at the memory limit?)",
-                      flush=True)
+                print(
+                    f"{name}: {time.perf_counter() - start:.0f} s, peak {cgroup.peak_mb():.0f} MB"
+                    f" of {memory_mb}  FAILED: the kernel died (killed at the memory limit?)",
+                    flush=True,
+                )
                 if kept is not None and alive(kernel_pid(kept)):
                     os.kill(kernel_pid(kept), 9)
                 cgroup.remove()
@@ -170,12 +170,20 @@ def run(notebooks: list[Path], memory_mb: int, cpu: int, keep_previous: bool) ->
                 previous = manager  # left running, idle, while the next notebook runs
             else:
                 manager.shutdown_kernel(now=True)
-            row = {"notebook": path.name, "seconds": round(seconds, 1), "peak_mb": round(peak),
-                   "previous_kernel_alive": keep_previous and len(results) > 0, "error": error}
+            row = {
+                "notebook": path.name,
+                "seconds": round(seconds, 1),
+                "peak_mb": round(peak),
+                "previous_kernel_alive": keep_previous and len(results) > 0,
+                "error": error,
+            }
             results.append(row)
             alive_note = " (previous kernel alive)" if row["previous_kernel_alive"] else ""
-            print(f"{path.name}: {seconds:.0f} s, peak {peak:.0f} MB of {memory_mb}{alive_note}"
-                  + (f"  FAILED: {error}" if error else ""), flush=True)
+            print(
+                f"{path.name}: {seconds:.0f} s, peak {peak:.0f} MB of {memory_mb}{alive_note}"
+                + (f"  FAILED: {error}" if error else ""),
+                flush=True,
+            )
             if error:
                 status = 1
                 break
@@ -186,8 +194,15 @@ def run(notebooks: list[Path], memory_mb: int, cpu: int, keep_previous: bool) ->
     out = ROOT / "output"
     out.mkdir(exist_ok=True)
     (out / "binder_session.json").write_text(
-        json.dumps({"memory_mb": memory_mb, "cpu": cpu, "keep_previous": keep_previous,
-                    "notebooks": results}, indent=1)
+        json.dumps(
+            {
+                "memory_mb": memory_mb,
+                "cpu": cpu,
+                "keep_previous": keep_previous,
+                "notebooks": results,
+            },
+            indent=1,
+        )
     )
     return status
 
@@ -196,10 +211,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="+", type=Path)
     parser.add_argument("--memory-mb", type=int, default=2048)
-    parser.add_argument("--cpu", type=int, default=min(os.sched_getaffinity(0)),
-                        help="the one CPU to run on (default: the first this process may use)")
-    parser.add_argument("--keep-previous", action="store_true",
-                        help="keep the previous notebook's kernel alive while the next one runs")
+    parser.add_argument(
+        "--cpu",
+        type=int,
+        default=min(os.sched_getaffinity(0)),
+        help="the one CPU to run on (default: the first this process may use)",
+    )
+    parser.add_argument(
+        "--keep-previous",
+        action="store_true",
+        help="keep the previous notebook's kernel alive while the next one runs",
+    )
     args = parser.parse_args()
     missing = [str(p) for p in args.notebooks if not p.is_file()]
     if missing:

@@ -8,7 +8,8 @@ the recording's.
 
 Usage, from the repository root, after the two runs::
 
-    python tests/compare_runs.py output/notebook_runs/all-cpus-onednn0 output/notebook_runs/one-cpu-onednn0
+    runs=output/notebook_runs
+    python tests/compare_runs.py $runs/all-cpus-onednn0 $runs/one-cpu-onednn0
 
 Exit status 0: both runs hold the same notebooks, every cell's outputs agree, and both computed the
 same digests (``tests/arithmetic.py``); 1 otherwise, with the differences listed.
@@ -84,8 +85,10 @@ def main() -> int:
         print(f"{args.first.name} and {args.second.name} differ:")
         print("\n".join(f"  {line}" for line in found))
         return 1
-    print(f"{args.first.name} and {args.second.name}: {len(first)} notebooks, {cells} cells, "
-          "the same outputs")
+    print(
+        f"{args.first.name} and {args.second.name}: {len(first)} notebooks, {cells} cells, "
+        "the same outputs"
+    )
     return 0
 
 

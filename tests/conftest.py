@@ -5,12 +5,12 @@ import os
 import sys
 from pathlib import Path
 
+import matplotlib
+
 # The test process runs as the notebooks do (their setup cell and utils.setup()): TensorFlow's
 # C++ logs off and oneDNN off before TensorFlow starts.
 for name, value in (("TF_CPP_MIN_LOG_LEVEL", "3"), ("TF_ENABLE_ONEDNN_OPTS", "0")):
     os.environ.setdefault(name, value)
-
-import matplotlib
 
 matplotlib.use("Agg")  # before anything imports pyplot: plots must not need a display
 

@@ -187,7 +187,8 @@ def pytest_terminal_summary(terminalreporter, config):
         )
     elif report.compare_all:
         line = (
-            f"this machine's arithmetic differs from the recording's ({', '.join(report.differs)}),"
+            "this machine's arithmetic differs from the recording's "
+            f"({', '.join(report.differs)}),"
             " and --nbval-compare-all compared every cell all the same"
         )
     else:

@@ -39,8 +39,12 @@ _MAIN = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 _DEEP = sorted((ROOT / "notebooks" / "deep_dives").glob("*.ipynb"))
 _ROWS_NOTEBOOK = ROOT / "notebooks" / "deep_dives" / ROWS.replace(".json", ".ipynb")
 _BEFORE_ROWS = [p for p in _MAIN if p.name < "05"]
-ORDER = [*_BEFORE_ROWS, _ROWS_NOTEBOOK, *[p for p in _MAIN if p not in _BEFORE_ROWS],
-         *[p for p in _DEEP if p != _ROWS_NOTEBOOK]]
+ORDER = [
+    *_BEFORE_ROWS,
+    _ROWS_NOTEBOOK,
+    *[p for p in _MAIN if p not in _BEFORE_ROWS],
+    *[p for p in _DEEP if p != _ROWS_NOTEBOOK],
+]
 
 
 def record(path: Path) -> float:
@@ -48,7 +52,10 @@ def record(path: Path) -> float:
     notebook = nbformat.read(path, as_version=4)
     start = time.perf_counter()
     NotebookClient(
-        notebook, timeout=3600, kernel_name="python3", resources={"metadata": {"path": path.parent}}
+        notebook,
+        timeout=3600,
+        kernel_name="python3",
+        resources={"metadata": {"path": path.parent}},
     ).execute()
     nbformat.write(notebook, path)
     return time.perf_counter() - start
@@ -63,11 +70,18 @@ def main() -> int:
         os.environ.pop(name, None)
     chosen = {p.resolve() for p in args.notebooks} or set(ORDER)
     if args.notebooks:  # some notebooks only: they must join a recording of this arithmetic
-        found = subprocess.run([sys.executable, str(ROOT / "tests" / "arithmetic.py")],
-                               check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+        found = subprocess.run(
+            [sys.executable, str(ROOT / "tests" / "arithmetic.py")],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.splitlines()[-1]
         if json.loads(found) != json.loads(RECORDING.read_text())["fingerprints"]:
-            print("this machine computes the trainings to other bits than tests/recording.json:"
-                  " re-record every notebook here (python tests/record.py)", file=sys.stderr)
+            print(
+                "this machine computes the trainings to other bits than tests/recording.json:"
+                " re-record every notebook here (python tests/record.py)",
+                file=sys.stderr,
+            )
             return 1
     for path in [p for p in ORDER if p in chosen]:
         print(f"{path.relative_to(ROOT)}: {record(path):.0f} s", flush=True)
@@ -78,7 +92,9 @@ def main() -> int:
             shutil.copy(measured, shipped)
             print(f"{path.relative_to(ROOT)}, again: {record(path):.0f} s", flush=True)
     if not args.notebooks:
-        subprocess.run([sys.executable, str(ROOT / "tests" / "arithmetic.py"), "--write"], check=True)
+        subprocess.run(
+            [sys.executable, str(ROOT / "tests" / "arithmetic.py"), "--write"], check=True
+        )
     return 0
 
 

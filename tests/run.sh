@@ -36,7 +36,7 @@ runs=output/notebook_runs
 # the retraining deep dive left for notebook 05 (05 runs before the deep dive in every run).
 rm -rf "$runs" output/retraining_remedies.json
 
-# 0. The toolkit's code is formatted and lint-free (ruff.toml says which files).
+# 0. The Python code is formatted and lint-free (ruff.toml says which files).
 ruff check .
 ruff format --check .
 

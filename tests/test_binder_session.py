@@ -22,9 +22,18 @@ BINDER_MB = 2048
 @pytest.mark.skipif(os.geteuid() != 0, reason="a memory cgroup needs root")
 def test_notebooks_in_order_with_kernels_left_open_fit_in_binder():
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "binder_session.py"), "--keep-previous",
-         "--memory-mb", str(BINDER_MB), *map(str, NOTEBOOKS)],
-        cwd=ROOT, capture_output=True, text=True, timeout=3600,
+        [
+            sys.executable,
+            str(ROOT / "tests" / "binder_session.py"),
+            "--keep-previous",
+            "--memory-mb",
+            str(BINDER_MB),
+            *map(str, NOTEBOOKS),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=3600,
     )
     print(result.stdout)
     if result.returncode == 2:

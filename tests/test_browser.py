@@ -67,21 +67,25 @@ NOTEBOOK_STATE_JS = """() => {
     const notebook = document.querySelector('.jp-NotebookPanel .jp-Notebook');
     if (!notebook) return null;
     const indicator = document.querySelector('.jp-Notebook-ExecutionIndicator');
-    const kernelName = document.querySelector('.jp-NotebookPanel-toolbar [data-jp-item-name="kernelName"]');
+    const kernelName = document.querySelector(
+        '.jp-NotebookPanel-toolbar [data-jp-item-name="kernelName"]');
     const cells = [...notebook.querySelectorAll('.jp-CodeCell')];
     return {
         kernelName: kernelName ? kernelName.textContent.trim() : '',
         kernel: indicator ? indicator.getAttribute('data-status') : null,
-        dialogs: [...document.querySelectorAll('.jp-Dialog')].map(dialog => dialog.textContent.trim()),
+        dialogs: [...document.querySelectorAll('.jp-Dialog')].map(dialog =>
+            dialog.textContent.trim()),
         // A cell whose code is collapsed shows a placeholder without its prompt: null.
         prompts: cells.map(cell => {
             const prompt = cell.querySelector('.jp-InputArea-prompt');
             return prompt ? prompt.textContent.trim() : null;
         }),
         errors: cells.flatMap((cell, index) =>
-            [...cell.querySelectorAll(ERROR_OUTPUT)].map(out => ({cell: index + 1, text: out.textContent}))),
+            [...cell.querySelectorAll(ERROR_OUTPUT)].map(out =>
+                ({cell: index + 1, text: out.textContent}))),
         outputs: cells.map(cell =>
-            [...cell.querySelectorAll('.jp-OutputArea-output')].map(out => out.textContent).join('\\n')),
+            [...cell.querySelectorAll('.jp-OutputArea-output')].map(out =>
+                out.textContent).join('\\n')),
     };
 }""".replace("ERROR_OUTPUT", json.dumps(ERROR_OUTPUT))
 
@@ -109,7 +113,10 @@ RUN_FINISHED_JS = """() => {
 # no update check (both would fetch from the internet), and every cell attached to the page so
 # that the full-height screenshot shows them all.
 LAB_SETTINGS = {
-    "@jupyterlab/apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False},
+    "@jupyterlab/apputils-extension/notification": {
+        "fetchNews": "false",
+        "checkForUpdates": False,
+    },
     "@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"},
 }
 
@@ -130,16 +137,23 @@ def playwright_api():
         from playwright import sync_api
     except ImportError:
         sync_api = None
-    _require(sync_api is not None, "the playwright package",
-             "pip install -r requirements.txt (it pins playwright)")
-    _require(CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK), str(CHROMIUM),
-             "apt-get install chromium (Debian's package; Playwright's browser download is not used)")
+    _require(
+        sync_api is not None,
+        "the playwright package",
+        "pip install -r requirements.txt (it pins playwright)",
+    )
+    _require(
+        CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK),
+        str(CHROMIUM),
+        "apt-get install chromium (Debian's package; Playwright's browser download is not used)",
+    )
     return sync_api
 
 
 @pytest.fixture
 def series_copy(tmp_path):
-    """What notebook 01 needs, copied, so that JupyterLab's autosave never touches the repository."""
+    """What notebook 01 needs, copied, so that JupyterLab's autosave never touches the
+    repository."""
     copy = tmp_path / "series"
     copy.mkdir()
     ignore = shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__")
@@ -166,24 +180,34 @@ def jupyterlab(playwright_api, series_copy, tmp_path):
     """A JupyterLab server on 127.0.0.1 serving the copy; yields its base URL and token."""
     port, token = _free_port(), secrets.token_hex(24)
     home = tmp_path / "jupyter"  # private configuration: no user settings, workspaces, kernels
-    env = dict(os.environ,
-               JUPYTER_CONFIG_DIR=str(home / "config"),
-               JUPYTER_DATA_DIR=str(home / "data"),
-               JUPYTER_RUNTIME_DIR=str(home / "runtime"),
-               IPYTHONDIR=str(home / "ipython"))
+    env = dict(
+        os.environ,
+        JUPYTER_CONFIG_DIR=str(home / "config"),
+        JUPYTER_DATA_DIR=str(home / "data"),
+        JUPYTER_RUNTIME_DIR=str(home / "runtime"),
+        IPYTHONDIR=str(home / "ipython"),
+    )
     env.pop("BN_SERIES_DATA", None)  # the series' own three images, from the copy
     for plugin, settings in LAB_SETTINGS.items():
         path = home / "config" / "lab" / "user-settings" / f"{plugin}.jupyterlab-settings"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(settings))
 
-    command = [sys.executable, "-m", "jupyterlab",
-               "--no-browser", "--ip", "127.0.0.1", "--port", str(port),
-               "--ServerApp.port_retries=0",  # the port chosen here, or fail
-               f"--IdentityProvider.token={token}",
-               f"--ServerApp.root_dir={series_copy}",
-               "--LabApp.news_url=None",  # no news feed from the internet
-               "--LabApp.extension_manager=readonly"]  # no extension search on PyPI
+    command = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--ip",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--ServerApp.port_retries=0",  # the port chosen here, or fail
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={series_copy}",
+        "--LabApp.news_url=None",  # no news feed from the internet
+        "--LabApp.extension_manager=readonly",
+    ]  # no extension search on PyPI
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         command.append("--allow-root")
 
@@ -191,17 +215,27 @@ def jupyterlab(playwright_api, series_copy, tmp_path):
     base_url = f"http://127.0.0.1:{port}"
     # Straight to the server, even when the environment names an HTTP proxy.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    status = urllib.request.Request(f"{base_url}/api/status",
-                                    headers={"Authorization": f"token {token}"})
+    status = urllib.request.Request(
+        f"{base_url}/api/status", headers={"Authorization": f"token {token}"}
+    )
     with log.open("wb") as log_file:
-        server = subprocess.Popen(command, cwd=series_copy, env=env, stdin=subprocess.DEVNULL,
-                                  stdout=log_file, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            command,
+            cwd=series_copy,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + SERVER_START_SECONDS
             while True:
                 if server.poll() is not None:
-                    pytest.fail(f"JupyterLab exited with code {server.returncode} before it "
-                                f"answered:\n{_log_tail(log)}", pytrace=False)
+                    pytest.fail(
+                        f"JupyterLab exited with code {server.returncode} before it "
+                        f"answered:\n{_log_tail(log)}",
+                        pytrace=False,
+                    )
                 try:
                     with opener.open(status, timeout=5) as response:
                         if response.status == 200:
@@ -209,8 +243,11 @@ def jupyterlab(playwright_api, series_copy, tmp_path):
                 except (urllib.error.URLError, OSError):
                     pass
                 if time.monotonic() > deadline:
-                    pytest.fail(f"JupyterLab did not answer on {base_url}/api/status within "
-                                f"{SERVER_START_SECONDS} s:\n{_log_tail(log)}", pytrace=False)
+                    pytest.fail(
+                        f"JupyterLab did not answer on {base_url}/api/status within "
+                        f"{SERVER_START_SECONDS} s:\n{_log_tail(log)}",
+                        pytrace=False,
+                    )
                 time.sleep(0.5)
             yield base_url, token
         finally:
@@ -242,8 +279,9 @@ def page(playwright_api, blocked_requests):
             route.abort()
 
     with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                             args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
         try:
             context = browser.new_context(viewport={"width": 1400, "height": 900})
             context.route("**/*", loopback_only)
@@ -263,8 +301,10 @@ def _click_menu(page, menu: str, item: str) -> None:
 def _describe(state) -> str:
     if not state:
         return "no notebook on the page"
-    return (f"kernel {state['kernelName']!r} {state['kernel']!r}, "
-            f"prompts {' '.join(map(str, state['prompts']))}, dialogs {state['dialogs']}")
+    return (
+        f"kernel {state['kernelName']!r} {state['kernel']!r}, "
+        f"prompts {' '.join(map(str, state['prompts']))}, dialogs {state['dialogs']}"
+    )
 
 
 def _screenshot_whole_notebook(page, path: Path) -> None:
@@ -289,24 +329,31 @@ def _screenshot_whole_notebook(page, path: Path) -> None:
     page.screenshot(path=str(path), full_page=True)
 
 
-def test_notebook_01_runs_in_jupyterlab(playwright_api, jupyterlab, page, blocked_requests,
-                                        series_copy):
+def test_notebook_01_runs_in_jupyterlab(
+    playwright_api, jupyterlab, page, blocked_requests, series_copy
+):
     base_url, token = jupyterlab
     stored = json.loads((series_copy / "notebooks" / NOTEBOOK).read_text())
     code_cells = sum(cell["cell_type"] == "code" for cell in stored["cells"])
     # Code cells stored with their source collapsed show no prompt: None in the expected list.
     expected_prompts = [
         None if cell.get("metadata", {}).get("jupyter", {}).get("source_hidden") else f"[{n}]:"
-        for n, cell in enumerate((c for c in stored["cells"] if c["cell_type"] == "code"), 1)]
+        for n, cell in enumerate((c for c in stored["cells"] if c["cell_type"] == "code"), 1)
+    ]
 
     page.goto(f"{base_url}/lab/tree/notebooks/{NOTEBOOK}?token={token}")
     try:
-        page.wait_for_function(KERNEL_READY_JS.replace("CODE_CELLS", str(code_cells)),
-                               timeout=KERNEL_READY_SECONDS * 1000, polling=250)
+        page.wait_for_function(
+            KERNEL_READY_JS.replace("CODE_CELLS", str(code_cells)),
+            timeout=KERNEL_READY_SECONDS * 1000,
+            polling=250,
+        )
     except playwright_api.TimeoutError:
-        pytest.fail(f"notebook {NOTEBOOK} with a ready kernel did not appear within "
-                    f"{KERNEL_READY_SECONDS} s: {_describe(page.evaluate(NOTEBOOK_STATE_JS))}",
-                    pytrace=False)
+        pytest.fail(
+            f"notebook {NOTEBOOK} with a ready kernel did not appear within "
+            f"{KERNEL_READY_SECONDS} s: {_describe(page.evaluate(NOTEBOOK_STATE_JS))}",
+            pytrace=False,
+        )
 
     # Start from a blank notebook, so that nothing below can be read from the stored outputs.
     _click_menu(page, "Edit", "Clear Outputs of All Cells")
@@ -314,12 +361,17 @@ def test_notebook_01_runs_in_jupyterlab(playwright_api, jupyterlab, page, blocke
         page.wait_for_function(
             f"() => {{ const s = ({NOTEBOOK_STATE_JS})(); "
             "return s && s.prompts.length > 0 && s.prompts.every(p => p === null || p === '[ ]:') "
-            "&& s.outputs.every(o => o === ''); }", timeout=CLEAR_SECONDS * 1000, polling=250)
+            "&& s.outputs.every(o => o === ''); }",
+            timeout=CLEAR_SECONDS * 1000,
+            polling=250,
+        )
     except playwright_api.TimeoutError:
         state = page.evaluate(NOTEBOOK_STATE_JS)
-        pytest.fail(f"the outputs were not cleared within {CLEAR_SECONDS} s: {_describe(state)}, "
-                    f"outputs {[o[:80] for o in state['outputs']] if state else None}",
-                    pytrace=False)
+        pytest.fail(
+            f"the outputs were not cleared within {CLEAR_SECONDS} s: {_describe(state)}, "
+            f"outputs {[o[:80] for o in state['outputs']] if state else None}",
+            pytrace=False,
+        )
 
     started = time.monotonic()
     _click_menu(page, "Run", "Run All Cells")
@@ -332,19 +384,22 @@ def test_notebook_01_runs_in_jupyterlab(playwright_api, jupyterlab, page, blocke
     state = page.evaluate(NOTEBOOK_STATE_JS)
     _screenshot_whole_notebook(page, SCREENSHOT)  # also when the run failed: it shows why
 
-    assert finished, (f"Run All Cells did not finish within {RUN_ALL_SECONDS} s: "
-                      f"{_describe(state)}; screenshot in {SCREENSHOT}")
+    assert finished, (
+        f"Run All Cells did not finish within {RUN_ALL_SECONDS} s: "
+        f"{_describe(state)}; screenshot in {SCREENSHOT}"
+    )
     assert not state["dialogs"], f"JupyterLab asks something in a dialog: {state['dialogs']}"
-    errors = "\n\n".join(f"code cell {error['cell']}:\n{error['text'][-2000:]}"
-                         for error in state["errors"])
+    errors = "\n\n".join(
+        f"code cell {error['cell']}:\n{error['text'][-2000:]}" for error in state["errors"]
+    )
     assert not state["errors"], f"the notebook shows error output in JupyterLab:\n{errors}"
     # Every shown prompt has its cell's number, so collapsed cells ran too, in order.
     assert state["prompts"] == expected_prompts, (
-        f"not every code cell ran once, in order, in a fresh kernel: {_describe(state)}")
+        f"not every code cell ran once, in order, in a fresh kernel: {_describe(state)}"
+    )
     shown = "\n".join(state["outputs"])
     for text in EXPECTED_TEXT:
         assert text in shown, f"{text!r} is not among the outputs JupyterLab shows:\n{shown}"
     # Not an error: a notebook may link an image on the web (a Binder badge); it is just not shown.
     refused = f"; refused to load {', '.join(blocked_requests)}" if blocked_requests else ""
     print(f"\nnotebook 01 ran in JupyterLab in {seconds:.0f} s; screenshot {SCREENSHOT}{refused}")
-

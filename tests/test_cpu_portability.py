@@ -13,9 +13,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
 from compare_runs import differences
-from nbval_cpu import TAG_PREFIX, cell_kind
+from nbval_cpu import cell_kind
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = [
@@ -60,8 +59,9 @@ def test_docs_list_the_cells_compared_only_on_the_recording_cpu():
     text = (ROOT / "docs" / "testing.md").read_text(encoding="utf-8")
     for path in NOTEBOOKS:
         cells = tagged_cells(path)
-        listed = re.search(rf"^\| `{re.escape(path.name)}` \| (\d+) \| (\d+) \| ([^|]*)\|", text,
-                           re.MULTILINE)
+        listed = re.search(
+            rf"^\| `{re.escape(path.name)}` \| (\d+) \| (\d+) \| ([^|]*)\|", text, re.MULTILINE
+        )
         assert listed, f"docs/testing.md has no row for {path.name}"
         code = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
         assert int(listed.group(1)) == len(code) - len(cells), f"{path.name}: portable cells"
@@ -79,8 +79,14 @@ def test_compare_runs_finds_a_changed_cell_and_a_missing_notebook():
 
 
 def _digests(env: dict) -> dict:
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "arithmetic.py")], cwd=ROOT,
-                            env=os.environ | env, capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "arithmetic.py")],
+        cwd=ROOT,
+        env=os.environ | env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -98,7 +104,9 @@ def test_a_portable_output_changed_by_one_digit_fails_on_another_cpu():
     notebook = nbformat.read(source, as_version=4)
     code = [c for c in notebook.cells if c.cell_type == "code"]
     first_tagged = tagged_cells(source)[0]  # the training: run, not compared on another CPU
-    changed = next(c for c in code if "parameters" in "".join(o.get("text", "") for o in c.outputs))
+    changed = next(
+        c for c in code if "parameters" in "".join(o.get("text", "") for o in c.outputs)
+    )
     assert code.index(changed) < first_tagged
     changed.outputs[0]["text"] = changed.outputs[0]["text"].replace("23,587,587", "23,587,588")
     notebook.cells = notebook.cells[: notebook.cells.index(code[first_tagged]) + 1]
@@ -107,10 +115,24 @@ def test_a_portable_output_changed_by_one_digit_fails_on_another_cpu():
     copy = folder / source.name
     nbformat.write(notebook, copy)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "--nbval", "--nbval-current-env", "--nbval-sanitize-with",
-         "tests/sanitize.cfg", "-p", "no:cacheprovider", "-q", str(copy)],
-        cwd=ROOT, env=os.environ | OTHER_CPU | {"NBVAL_RUN_LABEL": "portability-test"},
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--nbval",
+            "--nbval-current-env",
+            "--nbval-sanitize-with",
+            "tests/sanitize.cfg",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            str(copy),
+        ],
+        cwd=ROOT,
+        env=os.environ | OTHER_CPU | {"NBVAL_RUN_LABEL": "portability-test"},
+        capture_output=True,
+        text=True,
+        check=False,
     )
     failed = re.findall(r"FAILED \S+::Cell (\d+)", result.stdout)
     assert failed == [str(code.index(changed))], result.stdout[-3000:]

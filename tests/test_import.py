@@ -1,7 +1,7 @@
-"""Importing ``utils`` or ``bn_toolkit`` changes nothing in the learner's process (README, "Your own
-pictures and model"): no environment variable (so no C++ log level), thread pool, Python log level, fd 2,
-determinism or seed. ``bn_toolkit`` stands alone: Keras, NumPy, TensorFlow and the standard
-library only, never ``utils``."""
+"""Importing ``utils`` or ``bn_toolkit`` changes nothing in the learner's process (README, "Your
+own pictures and model"): no environment variable (so no C++ log level), thread pool, Python log
+level, fd 2, determinism or seed. ``bn_toolkit`` stands alone: Keras, NumPy, TensorFlow and the
+standard library only, never ``utils``."""
 
 import ast
 import json
@@ -37,7 +37,9 @@ print(json.dumps({
     "log_level_same": tf.get_logger().level == log_level,
     "fd2_same": (fd2.st_dev, fd2.st_ino) == (after.st_dev, after.st_ino),
     "fd_calls": calls,
-    "determinism": __import__("tensorflow.python.framework.config", fromlist=["x"]).is_op_determinism_enabled(),
+    "determinism": __import__(
+        "tensorflow.python.framework.config", fromlist=["x"]
+    ).is_op_determinism_enabled(),
     "seeded": [numpy.random.get_state()[1][:4].tolist(),
                list(random.getstate()[1][:4])] != random_state,
     "new_modules": sorted({m.split(".")[0] for m in set(sys.modules) - before}),
@@ -47,8 +49,13 @@ print(json.dumps({
 
 @pytest.mark.parametrize("module", ["utils", "bn_toolkit"])
 def test_import_after_tensorflow_changes_nothing(module):
-    done = subprocess.run([sys.executable, "-c", PROBE, str(ROOT), module], capture_output=True,
-                          text=True, timeout=300, env={"PATH": "/usr/bin:/bin"})
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, str(ROOT), module],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["env"] == {}, f"import {module} set or changed environment variables"
@@ -93,13 +100,17 @@ utils.setup()
 
 
 def test_setup_accepts_pools_the_environment_already_fixed():
-    """The opt-out of docs/decisions.md: pools set by environment variables before TensorFlow started, and an
-    operation run before ``utils.setup()``; setup finds them and says their sizes."""
+    """The opt-out of docs/decisions.md: pools set by environment variables before TensorFlow
+    started, and an operation run before ``utils.setup()``; setup finds them and says their
+    sizes."""
     env = {"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"}
     for sizes in ("2", "1"):
-        done = subprocess.run([sys.executable, "-c", SETUP_AFTER_AN_OPERATION, str(ROOT)],
-                              capture_output=True, text=True, timeout=300,
-                              env=dict(env, TF_NUM_INTRAOP_THREADS=sizes,
-                                       TF_NUM_INTEROP_THREADS=sizes))
+        done = subprocess.run(
+            [sys.executable, "-c", SETUP_AFTER_AN_OPERATION, str(ROOT)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=dict(env, TF_NUM_INTRAOP_THREADS=sizes, TF_NUM_INTEROP_THREADS=sizes),
+        )
         assert done.returncode == 0, done.stderr
         assert f"{sizes}+{sizes} threads" in done.stdout, done.stdout

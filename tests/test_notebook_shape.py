@@ -1,12 +1,11 @@
-"""Every notebook has the series' shape, and every Binder link uses the one repository definition."""
+"""Every notebook has the series' shape, and every Binder link uses the one repository
+definition."""
 
 import json
 import re
 from pathlib import Path
 
 import pytest
-
-import utils
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -38,7 +37,9 @@ def test_there_are_numbered_notebooks():
     assert len(NOTEBOOKS) >= 5
 
 
-COST = re.compile(r"\*\*Cost:\*\* about \d+ s and \d+\.\d GB on a 2-core CPU; about \d+ s on Binder")
+COST = re.compile(
+    r"\*\*Cost:\*\* about \d+ s and \d+\.\d GB on a 2-core CPU; about \d+ s on Binder"
+)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -47,13 +48,15 @@ def test_first_screen_title_one_line_badge_cost_and_neighbours(path):
     assert top.startswith(f"# {path.name[:2]} · "), "the first cell starts with the numbered title"
     links = BINDER_LINK.findall(top)
     assert links == [binder_url(f"notebooks/{path.name}")], "the badge opens this very notebook"
-    assert COST.search(top), "the cost in one line: seconds and memory on 2 cores, seconds on Binder"
+    assert COST.search(top), (
+        "the cost in one line: seconds and memory on 2 cores, seconds on Binder"
+    )
     assert top.split("\n\n")[1].startswith("You will see"), "what you will see happen, right after"
     index = NOTEBOOKS.index(path)
     if index > 0:
-        assert f"**Previous:** [" in top and f"]({NOTEBOOKS[index - 1].name})" in top
+        assert "**Previous:** [" in top and f"]({NOTEBOOKS[index - 1].name})" in top
     if index < len(NOTEBOOKS) - 1:
-        assert f"**Next:** [" in top and f"]({NOTEBOOKS[index + 1].name})" in top
+        assert "**Next:** [" in top and f"]({NOTEBOOKS[index + 1].name})" in top
     assert len(top.split()) < 100, "the first screen stays short"
 
 
@@ -70,7 +73,8 @@ def test_deep_dive_has_the_series_shape_and_links_both_ways(path):
         origin = ROOT / "notebooks" / name
         assert origin.exists(), f"broken link to {name}"
         assert f"](deep_dives/{path.name})" in "\n".join(markdown(origin)), (
-            f"{name} links to the deep dive where its question arises")
+            f"{name} links to the deep dive where its question arises"
+        )
     sources = code(path)
     assert "utils.setup()" in sources[0] and "print(utils.resources())" in sources[-1]
     text = "\n".join(markdown(path))
@@ -92,7 +96,8 @@ def words(path):
 
 
 MAIN_PATH = [p for p in NOTEBOOKS if p.name[:2] <= "05"]
-MAIN_PATH_WORDS, NOTEBOOK_WORDS = 7000, 1800
+MAIN_PATH_WORDS, NOTEBOOK_WORDS = 5500, 1500
+BEYOND_THE_CASE_WORDS = 2200  # 06 and 07 each
 
 
 def test_the_main_path_reads_in_one_sitting():
@@ -100,6 +105,12 @@ def test_the_main_path_reads_in_one_sitting():
     print("words per notebook:", counts, "total:", sum(counts.values()))
     assert all(c <= NOTEBOOK_WORDS for c in counts.values()), f"over {NOTEBOOK_WORDS}: {counts}"
     assert sum(counts.values()) <= MAIN_PATH_WORDS, f"main path over {MAIN_PATH_WORDS}: {counts}"
+
+
+def test_beyond_the_case_stays_within_its_budget():
+    counts = {p.stem: words(p) for p in NOTEBOOKS if p not in MAIN_PATH}
+    print("words beyond the case:", counts)
+    assert all(c <= BEYOND_THE_CASE_WORDS for c in counts.values()), counts
 
 
 README_WORDS = 1500
@@ -172,10 +183,14 @@ def test_the_test_command_pins_no_cpu_by_number():
 def test_binder_files_pin_the_environment():
     runtime = (ROOT / "runtime.txt").read_text(encoding="utf-8").strip()
     assert re.fullmatch(r"python-3\.\d+", runtime)
-    assert not (ROOT / "environment.yml").exists(), "environment.yml would make Binder ignore runtime.txt"
+    assert not (ROOT / "environment.yml").exists(), (
+        "environment.yml would make Binder ignore runtime.txt"
+    )
     for line in (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines():
         if line.strip() and not line.startswith("#"):
-            assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][^\s]*", line.strip()), f"not pinned: {line}"
+            assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][^\s]*", line.strip()), (
+                f"not pinned: {line}"
+            )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS + DEEP_DIVES, ids=lambda p: p.stem)
@@ -183,6 +198,9 @@ def test_every_check_is_at_most_four_lines(path):
     """A `# Check` cell states its claim in comments and asserts it in at most 4 lines of code."""
     for source in code(path):
         if source.lstrip().startswith("# Check"):
-            lines = [line for line in source.splitlines()
-                     if line.strip() and not line.strip().startswith("#")]
+            lines = [
+                line
+                for line in source.splitlines()
+                if line.strip() and not line.strip().startswith("#")
+            ]
             assert len(lines) <= 4, f"{path.name}: a check of {len(lines)} lines:\n{source}"

@@ -26,8 +26,10 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = [
     path
-    for path in [*sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")),
-                 *sorted((ROOT / "notebooks" / "deep_dives").glob("*.ipynb"))]
+    for path in [
+        *sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")),
+        *sorted((ROOT / "notebooks" / "deep_dives").glob("*.ipynb")),
+    ]
     if "utils.DATA_DIR" in path.read_text(encoding="utf-8")
 ]
 
@@ -78,7 +80,9 @@ def draw_photographs(folder: Path) -> None:
     light = 150 + 90 * (1 - xx) - 40 * yy + 25 * texture(rng, h, w)
     wall = 35 + 50 * texture(rng, h, w, octaves=6)
     gray = np.where(face, light, wall) + rng.normal(0, 8, (h, w))
-    Image.fromarray(gray.clip(0, 255).astype(np.uint8), mode="L").save(folder / "portrait.jpg", quality=80)
+    Image.fromarray(gray.clip(0, 255).astype(np.uint8), mode="L").save(
+        folder / "portrait.jpg", quality=80
+    )
 
     h, w = 375, 500  # objects on a wooden table: colored blobs with shading
     yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
@@ -126,6 +130,9 @@ def test_notebook_runs_on_other_pictures(path, pictures, monkeypatch):
     )
     client.execute()  # raises CellExecutionError, naming the cell, if any assertion fails
     outputs = "".join(
-        "".join(o.get("text", "")) for c in notebook.cells if c.cell_type == "code" for o in c.outputs
+        "".join(o.get("text", ""))
+        for c in notebook.cells
+        if c.cell_type == "code"
+        for o in c.outputs
     )
     assert "circle.png" not in outputs, "the notebook read the shipped images, not the learner's"

@@ -124,9 +124,7 @@ def test_list_of_layers_and_batch_size_dependence():
     h = _block_input(block, x)
     gamma, beta = block.norms[0].gamma.numpy(), block.norms[0].beta.numpy()
     # bn_b's input: bn_a normalizing each batch of 10 with that batch's statistics.
-    second = np.concatenate(
-        [_normalize(h[i : i + 10], 0, gamma, beta) for i in range(0, 40, 10)]
-    )
+    second = np.concatenate([_normalize(h[i : i + 10], 0, gamma, beta) for i in range(0, 40, 10)])
     utils.recalibrate_batchnorm(model, x, batch_size=10, **NEVER)
     np.testing.assert_allclose(block.norms[0].moving_variance.numpy(), h.var(0), rtol=1e-5)
     np.testing.assert_allclose(block.norms[1].moving_mean.numpy(), second.mean(0), atol=1e-5)
@@ -136,8 +134,11 @@ def test_list_of_layers_and_batch_size_dependence():
 def test_nested_models_with_duplicate_names_get_unique_paths():
     def branch(name):
         return keras.Sequential(
-            [keras.Input((6,)), keras.layers.Dense(3, name="d"),
-             keras.layers.BatchNormalization(name="bn")],
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(3, name="d"),
+                keras.layers.BatchNormalization(name="bn"),
+            ],
             name=name,
         )
 
@@ -194,8 +195,10 @@ def test_same_name_twice_in_a_custom_layer_and_a_shared_layer():
 
 def test_time_distributed_wrapper():
     model = keras.Sequential(
-        [keras.Input((5, 3)), keras.layers.TimeDistributed(
-            keras.layers.BatchNormalization(name="bn"), name="td")]
+        [
+            keras.Input((5, 3)),
+            keras.layers.TimeDistributed(keras.layers.BatchNormalization(name="bn"), name="td"),
+        ]
     )
     assert list(utils.named_batchnorm_layers(model)) == ["td/bn"]
     rng = np.random.default_rng(4)
@@ -204,13 +207,18 @@ def test_time_distributed_wrapper():
     assert result.statistics["td/bn"].count == 20 * 5
     bn = utils.batchnorm_layers(model)[0]
     np.testing.assert_allclose(bn.moving_mean.numpy(), x.mean((0, 1)), rtol=1e-5)
-    np.testing.assert_allclose(bn.moving_variance.numpy(), x.astype(np.float64).var((0, 1)),
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        bn.moving_variance.numpy(), x.astype(np.float64).var((0, 1)), rtol=1e-4
+    )
 
 
 def test_masked_positions_are_left_out_as_the_layer_leaves_them_out():
     model = keras.Sequential(
-        [keras.Input((4, 2)), keras.layers.Masking(0.0), keras.layers.BatchNormalization(name="bn")]
+        [
+            keras.Input((4, 2)),
+            keras.layers.Masking(0.0),
+            keras.layers.BatchNormalization(name="bn"),
+        ]
     )
     rng = np.random.default_rng(7)
     x = rng.normal(3.0, 2.0, (6, 4, 2)).astype(np.float32)
@@ -228,8 +236,7 @@ def test_channels_first_axis_1():
         [keras.Input((3, 4, 5)), keras.layers.BatchNormalization(axis=1, name="bn")]
     )
     rng = np.random.default_rng(5)
-    x = (rng.standard_normal((6, 3, 4, 5)) * np.array([1, 2, 3])[:, None, None]).astype(
-        np.float32)
+    x = (rng.standard_normal((6, 3, 4, 5)) * np.array([1, 2, 3])[:, None, None]).astype(np.float32)
     seen, _ = utils.batch_statistics(model, x)
     mean, var = _moments(x, (0, 2, 3))
     assert seen["bn"].count == 6 * 4 * 5
@@ -312,10 +319,10 @@ def test_every_pipeline_gives_the_numpy_statistics(estimator):
         block.bn.moving_mean.assign(np.zeros(16, np.float32))
         result = utils.recalibrate_batchnorm(model, data, estimator=estimator, **NEVER)
         assert (result.samples, result.batches, int(result)) == (100, 4, 1), kind
-        np.testing.assert_allclose(block.bn.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-5,
-                                   err_msg=kind)
-        np.testing.assert_allclose(block.bn.moving_variance.numpy(), var, rtol=1e-5,
-                                   err_msg=kind)
+        np.testing.assert_allclose(
+            block.bn.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-5, err_msg=kind
+        )
+        np.testing.assert_allclose(block.bn.moving_variance.numpy(), var, rtol=1e-5, err_msg=kind)
 
 
 def test_estimators_differ_by_the_variance_of_batch_means():
@@ -337,8 +344,9 @@ def test_limits_and_progress_bar(capsys):
     model, block = _block_model()
     x, _ = _data(n=100)
     h = _block_input(block, x)
-    result = utils.recalibrate_batchnorm(model, x, batch_size=16, max_samples=40, verbose=1,
-                                         **NEVER)
+    result = utils.recalibrate_batchnorm(
+        model, x, batch_size=16, max_samples=40, verbose=1, **NEVER
+    )
     assert (result.samples, result.batches) == (40, 3)  # 16 + 16 + 8
     keep = np.sort(np.random.default_rng(0).choice(100, 40, replace=False))  # README's subset
     np.testing.assert_allclose(block.bn.moving_variance.numpy(), h[keep].var(0), rtol=1e-5)
@@ -355,8 +363,11 @@ def test_limits_and_progress_bar(capsys):
     assert utils.recalibrate_batchnorm(model, endless(), max_batches=3).samples == 30
 
 
-@pytest.mark.xfail(strict=True, reason="regression in the shortened utils.py: with max_samples "
-                   "(or a dataset) the Progbar has no total and never prints the last batch")
+@pytest.mark.xfail(
+    strict=True,
+    reason="regression in the shortened utils.py: with max_samples "
+    "(or a dataset) the Progbar has no total and never prints the last batch",
+)
 def test_progress_bar_total_with_max_samples(capsys):
     model, _ = _block_model()
     x, _ = _data(n=100)
@@ -367,15 +378,16 @@ def test_progress_bar_total_with_max_samples(capsys):
 def test_multi_input_dict_model():
     a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
     merged = keras.layers.Concatenate()([a, b])
-    model = keras.Model({"a": a, "b": b},
-                        keras.layers.BatchNormalization(name="bn")(merged))
+    model = keras.Model({"a": a, "b": b}, keras.layers.BatchNormalization(name="bn")(merged))
     rng = np.random.default_rng(6)
     xa = rng.normal(2, 3, (50, 3)).astype(np.float32)
     xb = rng.normal(-1, 0.5, (50, 2)).astype(np.float32)
     both = np.concatenate([xa, xb], axis=1).astype(np.float64)
     y = np.zeros((50, 1), np.float32)
-    for data in ({"a": xa, "b": xb},
-                 tf.data.Dataset.from_tensor_slices(({"a": xa, "b": xb}, y)).batch(16)):
+    for data in (
+        {"a": xa, "b": xb},
+        tf.data.Dataset.from_tensor_slices(({"a": xa, "b": xb}, y)).batch(16),
+    ):
         utils.recalibrate_batchnorm(model, data, batch_size=16, **NEVER)
         bn = model.get_layer("bn")
         np.testing.assert_allclose(bn.moving_mean.numpy(), both.mean(0), rtol=1e-5)
@@ -393,8 +405,7 @@ def test_mixed_precision_policy():
         h = _np(keras.ops.cast(block.dense(x), "float32"))  # the float16 input, as BN sees it
         utils.recalibrate_batchnorm(model, x, **NEVER)
         assert block.bn.moving_mean.dtype == "float32"
-        np.testing.assert_allclose(block.bn.moving_mean.numpy(), h.mean(0), rtol=1e-3,
-                                   atol=1e-3)
+        np.testing.assert_allclose(block.bn.moving_mean.numpy(), h.mean(0), rtol=1e-3, atol=1e-3)
         np.testing.assert_allclose(block.bn.moving_variance.numpy(), h.var(0), rtol=1e-3)
     finally:
         keras.config.set_dtype_policy(previous)
@@ -430,13 +441,15 @@ def test_frozen_layer_is_left_alone_and_called_frozen():
     # head_bn's input: Dense of the frozen layer's inference-mode output, as in fit.
     probe = keras.Model(inputs, h)
     expected = _np(probe(x, training=True))
-    np.testing.assert_allclose(model.get_layer("head_bn").moving_variance.numpy(),
-                               expected.var(0), rtol=1e-4)
+    np.testing.assert_allclose(
+        model.get_layer("head_bn").moving_variance.numpy(), expected.var(0), rtol=1e-4
+    )
 
     result = utils.recalibrate_batchnorm(model, x, include_frozen=True)
     assert int(result) == 2 and frozen_bn.trainable is False
-    np.testing.assert_allclose(frozen_bn.moving_variance.numpy(), x.astype(np.float64).var(0),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        frozen_bn.moving_variance.numpy(), x.astype(np.float64).var(0), rtol=1e-5
+    )
 
     frozen_bn.trainable = False
     model.get_layer("head_bn").trainable = False
@@ -446,15 +459,24 @@ def test_frozen_layer_is_left_alone_and_called_frozen():
 
 def test_renorm_layer_and_nothing_but_moving_statistics_changes():
     model = keras.Sequential(
-        [keras.Input((8,)), keras.layers.Dense(8),
-         keras.layers.BatchNormalization(renorm=True, name="rn"),
-         keras.layers.Dropout(0.5, seed=1), keras.layers.Dense(1)]
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(8),
+            keras.layers.BatchNormalization(renorm=True, name="rn"),
+            keras.layers.Dropout(0.5, seed=1),
+            keras.layers.Dense(1),
+        ]
     )
     x, _ = _data(n=40)
     h = _np(model.layers[0](x))
     rn = model.get_layer("rn")
-    moving = {id(rn.moving_mean), id(rn.moving_variance), id(rn.moving_stddev),
-              id(rn.renorm_mean), id(rn.renorm_stddev)}
+    moving = {
+        id(rn.moving_mean),
+        id(rn.moving_variance),
+        id(rn.moving_stddev),
+        id(rn.renorm_mean),
+        id(rn.renorm_stddev),
+    }
     before = {id(v): v.numpy().copy() for v in model.variables}
     utils.recalibrate_batchnorm(model, x, batch_size=40, **NEVER)
     for v in model.variables:
@@ -555,9 +577,11 @@ def test_recordings_compose_and_restore_exactly():
     del bn.call
 
     # A traced graph cannot be read: a clear error, and the layer is restored.
-    with pytest.raises(RuntimeError, match="run_eagerly"):
-        with utils.recording_batchnorm_inputs(model):
-            tf.function(lambda v: model(v, training=True))(x)
+    with (
+        pytest.raises(RuntimeError, match="run_eagerly"),
+        utils.recording_batchnorm_inputs(model),
+    ):
+        tf.function(lambda v: model(v, training=True))(x)
     assert "call" not in vars(bn)
 
 
@@ -627,11 +651,19 @@ def test_call_passing_training_false_is_frozen_in_fit_and_left_alone():
     # bn_base is still at its start values (0 and 1), so by default it is skipped as never
     # updated before any pass; with include_never_updated=True the pass shows that the model's
     # call keeps it in inference mode, and it is skipped for that.
-    for include_frozen, include_never_updated in ((False, False), (True, False),
-                                                  (False, True), (True, True)):
-        result = utils.recalibrate_batchnorm(model, x, batch_size=16,
-                                             include_frozen=include_frozen,
-                                             include_never_updated=include_never_updated)
+    for include_frozen, include_never_updated in (
+        (False, False),
+        (True, False),
+        (False, True),
+        (True, True),
+    ):
+        result = utils.recalibrate_batchnorm(
+            model,
+            x,
+            batch_size=16,
+            include_frozen=include_frozen,
+            include_never_updated=include_never_updated,
+        )
         assert int(result) == 1 and result.skipped == ["base/bn_base"]
         if include_never_updated:
             assert "training=False" in result.reasons["base/bn_base"]
@@ -640,10 +672,10 @@ def test_call_passing_training_false_is_frozen_in_fit_and_left_alone():
         np.testing.assert_array_equal(base_bn.moving_mean.numpy(), start[0])
         np.testing.assert_array_equal(base_bn.moving_variance.numpy(), start[1])
         head_input = _np(model.base(x, training=False))  # as in fit: backbone in inference
-        np.testing.assert_allclose(head_bn.moving_mean.numpy(), head_input.mean(0),
-                                   rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(head_bn.moving_variance.numpy(), head_input.var(0),
-                                   rtol=1e-4)
+        np.testing.assert_allclose(
+            head_bn.moving_mean.numpy(), head_input.mean(0), rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(head_bn.moving_variance.numpy(), head_input.var(0), rtol=1e-4)
     head_bn.trainable = False  # now no layer normalizes with batch statistics
     with pytest.raises(ValueError, match="no BatchNormalization layer to recalibrate"):
         utils.recalibrate_batchnorm(model, x, include_frozen=False)  # nothing left to try
@@ -655,8 +687,13 @@ def test_call_passing_training_false_is_frozen_in_fit_and_left_alone():
 def test_functional_training_false_is_overridden_and_trains_in_fit():
     x, _ = _data(n=16)
     base = keras.Sequential(
-        [keras.Input((8,)), keras.layers.Dense(4, name="d"),
-         keras.layers.BatchNormalization(name="bn")], name="base")
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(4, name="d"),
+            keras.layers.BatchNormalization(name="bn"),
+        ],
+        name="base",
+    )
     inputs = keras.Input((8,))
     model = keras.Model(inputs, keras.layers.Dense(2)(base(inputs, training=False)))
     bn = base.get_layer("bn")
@@ -672,9 +709,21 @@ def test_functional_training_false_is_overridden_and_trains_in_fit():
 
 
 def test_frozen_takes_precedence_over_never_updated_in_the_verdict():
-    row = utils.LayerGap(0, "bn", 4, batch_var=4.0, moving_var=1.0, shift=0.8,
-                         log_var_gap=float(np.log(4.0)), noise_shift=0.1, noise_log_var=0.2,
-                         flagged=True, frozen=True, never_updated=True, var_ratio=0.25)
+    row = utils.LayerGap(
+        0,
+        "bn",
+        4,
+        batch_var=4.0,
+        moving_var=1.0,
+        shift=0.8,
+        log_var_gap=float(np.log(4.0)),
+        noise_shift=0.1,
+        noise_log_var=0.2,
+        flagged=True,
+        frozen=True,
+        never_updated=True,
+        var_ratio=0.25,
+    )
     assert row.verdict == "frozen, stale" and row.in_fit == "frozen"
     row.frozen = False
     assert row.verdict == "never updated"
@@ -695,9 +744,14 @@ def test_frozen_takes_precedence_over_never_updated_in_the_verdict():
 
 def _dropout_model():
     return keras.Sequential(
-        [keras.Input((4,)), keras.layers.Dense(6), keras.layers.Dropout(0.5),
-         keras.layers.BatchNormalization(name="bn"),
-         keras.layers.Dense(2, activation="softmax")])
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(6),
+            keras.layers.Dropout(0.5),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.Dense(2, activation="softmax"),
+        ]
+    )
 
 
 def _dropout_data():
@@ -716,7 +770,7 @@ def test_probes_leave_the_dropout_seed_state_alone():
     utils.memorised(model, x, y)
     with utils.frozen_moving_statistics(model):
         model(x, training=True)
-    for v, b in zip(model.variables, before):
+    for v, b in zip(model.variables, before, strict=False):
         np.testing.assert_array_equal(v.numpy(), b, err_msg=v.path)
 
 
@@ -729,16 +783,24 @@ def test_stop_when_memorised_leaves_a_seeded_training_bit_identical():
         x, y = _dropout_data()
         stop = utils.StopWhenMemorised(x, y, min_epochs=1)
         probe = keras.callbacks.LambdaCallback(
-            on_epoch_end=lambda epoch, logs: utils.diagnose_batchnorm(model, x))
-        model.fit(x, y, epochs=3, batch_size=32, verbose=0, shuffle=False,
-                  callbacks=[stop, probe] if with_probes else [])
+            on_epoch_end=lambda epoch, logs: utils.diagnose_batchnorm(model, x)
+        )
+        model.fit(
+            x,
+            y,
+            epochs=3,
+            batch_size=32,
+            verbose=0,
+            shuffle=False,
+            callbacks=[stop, probe] if with_probes else [],
+        )
         return [v.numpy() for v in model.weights], stop
 
     plain, _ = train(False)
     probed, stop = train(True)
     assert stop.stopped_epoch == 3 and not stop.memorised  # probed after every epoch
     assert len(plain) == len(probed)
-    for a, b in zip(plain, probed):
+    for a, b in zip(plain, probed, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -770,14 +832,14 @@ def test_unbuilt_models_raise_call_the_model_first():
     x, _ = _data(n=16)
     first = "call the model on one batch of your data first"
     for model in (InitNet(), BuildNet()):
-        probes = [
-            lambda: utils.diagnose_batchnorm(model, x),
-            lambda: utils.recalibrate_batchnorm(model, x, batch_size=8),
-            lambda: utils.batch_statistics(model, x),
-            lambda: utils.moving_statistics(model),
-            lambda: utils.set_moving_statistics(model, {}),
-            lambda: utils.frozen_moving_statistics(model).__enter__(),
-            lambda: utils.recording_batchnorm_inputs(model).__enter__(),
+        probes = [  # model=model: each probe binds this iteration's model (called just below)
+            lambda model=model: utils.diagnose_batchnorm(model, x),
+            lambda model=model: utils.recalibrate_batchnorm(model, x, batch_size=8),
+            lambda model=model: utils.batch_statistics(model, x),
+            lambda model=model: utils.moving_statistics(model),
+            lambda model=model: utils.set_moving_statistics(model, {}),
+            lambda model=model: utils.frozen_moving_statistics(model).__enter__(),
+            lambda model=model: utils.recording_batchnorm_inputs(model).__enter__(),
         ]
         for probe in probes:
             with pytest.raises(ValueError, match=first):
@@ -814,13 +876,14 @@ def test_set_moving_statistics_checks_everything_before_writing():
 
 def test_time_distributed_batch_mean_averages_each_time_step_call():
     model = keras.Sequential(
-        [keras.Input((5, 3)), keras.layers.TimeDistributed(
-            keras.layers.BatchNormalization(name="bn"), name="td")]
+        [
+            keras.Input((5, 3)),
+            keras.layers.TimeDistributed(keras.layers.BatchNormalization(name="bn"), name="td"),
+        ]
     )
     rng = np.random.default_rng(4)
     x = (rng.standard_normal((20, 5, 3)) * np.arange(1.0, 6.0)[:, None] + 4.0).astype(np.float32)
-    result = utils.recalibrate_batchnorm(model, x, batch_size=10, estimator="batch_mean",
-                                         **NEVER)
+    result = utils.recalibrate_batchnorm(model, x, batch_size=10, estimator="batch_mean", **NEVER)
     # one call per time step and batch: 2 batches x 5 steps, each over 10 samples
     calls = x.astype(np.float64).reshape(2, 10, 5, 3)
     expected_var = calls.var(axis=1).mean(axis=(0, 1))

@@ -115,7 +115,8 @@ def _used_names(path):
 
 
 def _first_introduction(names):
-    """Name -> number of the first notebook that introduces it (names never introduced are absent)."""
+    """Name -> number of the first notebook that introduces it (names never introduced are
+    absent)."""
     first = {}
     for path in NOTEBOOKS:
         for name in _introduced_names(path, names):
@@ -175,7 +176,7 @@ def test_the_rules_see_what_they_should():
     names = {"frozen_moving_statistics", "accuracy", "memorised", "setup", "resources", "SEED"}
     markdown = (
         "Use `utils.frozen_moving_statistics(model)`; memorised is prose; `setup()` is named;\n"
-        "`metrics=[\"accuracy\"]` is other code.\n```python\nx = utils.resources()\n```"
+        '`metrics=["accuracy"]` is other code.\n```python\nx = utils.resources()\n```'
     )
     assert _names_in_markdown(markdown, names) == {
         "frozen_moving_statistics",
@@ -192,17 +193,33 @@ def test_the_rules_see_what_they_should():
 #: introduces each shows this code in the open, and utils.py runs the same code.
 CORES = {
     "load_image": ("01", r"Image\.Resampling\.LANCZOS"),
-    "replay_moving_statistics": ("05", r"mean = momentum \* mean \+ \(1 - momentum\) \* \w+\.mean"),
+    "replay_moving_statistics": (
+        "05",
+        r"mean = momentum \* mean \+ \(1 - momentum\) \* \w+\.mean",
+    ),
     "recalibrate_batchnorm": ("05", r"\.moving_variance\.assign\("),
     "set_moving_statistics": ("05", r"\.moving_mean\.assign\("),
 }
 
 #: The toolkit for a learner's own model (docs/toolkit.md): public even where a single
 #: notebook uses it.
-TOOLKIT = {"diagnose_batchnorm", "gaps_table_html", "LayerGap", "recalibrate_batchnorm",
-           "Recalibration", "PreciseBN", "named_batchnorm_layers", "batchnorm_layers",
-           "moving_statistics", "set_moving_statistics", "frozen_moving_statistics",
-           "recording_batchnorm_inputs", "batch_statistics", "Moments", "log_variance_ratio"}
+TOOLKIT = {
+    "diagnose_batchnorm",
+    "gaps_table_html",
+    "LayerGap",
+    "recalibrate_batchnorm",
+    "Recalibration",
+    "PreciseBN",
+    "named_batchnorm_layers",
+    "batchnorm_layers",
+    "moving_statistics",
+    "set_moving_statistics",
+    "frozen_moving_statistics",
+    "recording_batchnorm_inputs",
+    "batch_statistics",
+    "Moments",
+    "log_variance_ratio",
+}
 
 
 @pytest.mark.parametrize("name", sorted(CORES))
@@ -210,7 +227,8 @@ def test_a_helper_introduced_in_a_lesson_has_its_core_written_out_there(name):
     number, core = CORES[name]
     module = inspect.getmodule(getattr(utils, name))  # utils, or bn_toolkit for the toolkit
     assert re.search(core, inspect.getsource(module)), (
-        f"{module.__name__}.py no longer runs {core!r}")
+        f"{module.__name__}.py no longer runs {core!r}"
+    )
     if module is utils:
         doc = " ".join((inspect.getdoc(getattr(utils, name)) or "").split())
         assert f"Notebook {number}" in doc, f"utils.{name} says it is introduced elsewhere"
@@ -218,10 +236,16 @@ def test_a_helper_introduced_in_a_lesson_has_its_core_written_out_there(name):
         first = _first_introduction({name}).get(name)
         assert first == number, f"utils.{name}: notebook {first} introduces it, not {number}"
     path = next(p for p in NOTEBOOKS if _number(p) == number)
-    lines = [line for cell in _cells(path) if cell["cell_type"] == "code"
-             for line in "".join(cell["source"]).splitlines() if "utils." not in line]
+    lines = [
+        line
+        for cell in _cells(path)
+        if cell["cell_type"] == "code"
+        for line in "".join(cell["source"]).splitlines()
+        if "utils." not in line
+    ]
     assert any(re.search(core, line) for line in lines), (
-        f"notebook {number} introduces utils.{name} but does not write out its core {core!r}")
+        f"notebook {number} introduces utils.{name} but does not write out its core {core!r}"
+    )
 
 
 DEEP_DIVES = sorted((ROOT / "notebooks" / "deep_dives").glob("*.ipynb"))
@@ -230,12 +254,22 @@ DEEP_DIVES = sorted((ROOT / "notebooks" / "deep_dives").glob("*.ipynb"))
 def test_no_public_helper_serves_a_single_notebook_unless_it_is_the_toolkit():
     """Shared: used by two notebooks (deep dives count), or called by another helper of utils."""
     helpers = _public_helpers()
-    users = {name: {p.name for p in NOTEBOOKS + DEEP_DIVES if name in _used_names(p)}
-             for name in helpers}
-    called = {name for name in helpers if any(re.search(rf"\b{name}\b", inspect.getsource(other))
-                                              for key, other in helpers.items() if key != name)}
-    lonely = sorted(n for n, used in users.items()
-                    if len(used) == 1 and n not in called and n not in TOOLKIT)
+    users = {
+        name: {p.name for p in NOTEBOOKS + DEEP_DIVES if name in _used_names(p)}
+        for name in helpers
+    }
+    called = {
+        name
+        for name in helpers
+        if any(
+            re.search(rf"\b{name}\b", inspect.getsource(other))
+            for key, other in helpers.items()
+            if key != name
+        )
+    }
+    lonely = sorted(
+        n for n, used in users.items() if len(used) == 1 and n not in called and n not in TOOLKIT
+    )
     assert not lonely, f"used by one notebook only, so they belong in it: {lonely}"
 
 
@@ -247,4 +281,5 @@ def test_a_deep_dive_uses_only_helpers_the_main_path_or_itself_introduces(path):
     known = set(_first_introduction(names)) | _introduced_names(path, names)
     assert not (used & names) - known, (
         f"{path.name} uses utils.{', utils.'.join(sorted((used & names) - known))}, which neither "
-        "the main path nor the deep dive introduces")
+        "the main path nor the deep dive introduces"
+    )

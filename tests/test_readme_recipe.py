@@ -47,7 +47,7 @@ def test_the_fix_changes_only_the_moving_statistics_and_averages_the_batches():
         expected = utils.moving_statistics(model)
     weights = _weights(model)
     namespace["recalibrate"](model, [x[i : i + 16] for i in range(0, 128, 16)])
-    for variable, old, new in zip(model.weights, weights, _weights(model)):
+    for variable, old, new in zip(model.weights, weights, _weights(model), strict=False):
         if id(variable) not in allowed:
             assert np.array_equal(old, new), f"{variable.path} changed"
     got = utils.moving_statistics(model)
@@ -64,8 +64,10 @@ def test_the_fix_changes_only_the_moving_statistics_and_averages_the_batches():
 def test_the_check_restores_the_model_and_prints_both_accuracies(capsys):
     model, _, x, y = _trained_nested_model()
     before = _weights(model)
-    exec(compile(_block("Check your own model"), "README check", "exec"),
-         {"model": model, "x_train": x, "y_train": y})
-    assert all(np.array_equal(a, b) for a, b in zip(before, _weights(model)))
+    exec(
+        compile(_block("Check your own model"), "README check", "exec"),
+        {"model": model, "x_train": x, "y_train": y},
+    )
+    assert all(np.array_equal(a, b) for a, b in zip(before, _weights(model), strict=False))
     printed = capsys.readouterr().out
     assert re.search(r"training mode: [0-9.]+\nserved: +[0-9.]+\n", printed), printed

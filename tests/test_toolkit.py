@@ -36,7 +36,7 @@ def _variables(model):
 
 
 def _assert_all_variables_equal(model, before):
-    for v, b in zip(model.variables, before):
+    for v, b in zip(model.variables, before, strict=False):
         np.testing.assert_array_equal(v.numpy(), b, err_msg=v.path)
 
 
@@ -57,23 +57,36 @@ def _images(n, rng, offset=0.0, gain=1.0):
 
 def _small_cnn():
     """conv1-bn1-ReLU-conv2 (stride 2)-bn2-ReLU-pool-softmax: two conv + BN layers."""
-    return keras.Sequential([
-        keras.Input((SIZE, SIZE, 1)),
-        L.Conv2D(4, 3, padding="same", use_bias=False, name="conv1"),
-        L.BatchNormalization(name="bn1"), L.ReLU(),
-        L.Conv2D(8, 3, strides=2, padding="same", use_bias=False, name="conv2"),
-        L.BatchNormalization(name="bn2"), L.ReLU(),
-        L.GlobalAveragePooling2D(), L.Dense(2, activation="softmax", name="out"),
-    ], name="small_cnn")
+    return keras.Sequential(
+        [
+            keras.Input((SIZE, SIZE, 1)),
+            L.Conv2D(4, 3, padding="same", use_bias=False, name="conv1"),
+            L.BatchNormalization(name="bn1"),
+            L.ReLU(),
+            L.Conv2D(8, 3, strides=2, padding="same", use_bias=False, name="conv2"),
+            L.BatchNormalization(name="bn2"),
+            L.ReLU(),
+            L.GlobalAveragePooling2D(),
+            L.Dense(2, activation="softmax", name="out"),
+        ],
+        name="small_cnn",
+    )
 
 
 def _dense_net(features=8, name="dense_net"):
     """Dense-bn1-ReLU-Dense-bn2-softmax."""
-    return keras.Sequential([
-        keras.Input((features,)), L.Dense(6, name="d1"), L.BatchNormalization(name="bn1"),
-        L.ReLU(), L.Dense(4, name="d2"), L.BatchNormalization(name="bn2"),
-        L.Dense(2, activation="softmax", name="out"),
-    ], name=name)
+    return keras.Sequential(
+        [
+            keras.Input((features,)),
+            L.Dense(6, name="d1"),
+            L.BatchNormalization(name="bn1"),
+            L.ReLU(),
+            L.Dense(4, name="d2"),
+            L.BatchNormalization(name="bn2"),
+            L.Dense(2, activation="softmax", name="out"),
+        ],
+        name=name,
+    )
 
 
 def _tabular(n, features=8, seed=1, loc=3.0, scale=2.0):
@@ -84,8 +97,9 @@ def _tabular(n, features=8, seed=1, loc=3.0, scale=2.0):
 
 
 def _fit(model, x, y, epochs, batch_size, **compile_options):
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy",
-                  **compile_options)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy", **compile_options
+    )
     model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0, shuffle=False)
     return model
 
@@ -96,10 +110,18 @@ def trained_cnn():
     keras.utils.set_random_seed(0)
     x, y = _images(512, np.random.default_rng(0))
     model = _small_cnn()
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy",
-                  metrics=["accuracy"], steps_per_execution=50)
-    batches = (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(512, seed=0)
-               .batch(16, drop_remainder=True).repeat())
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss="categorical_crossentropy",
+        metrics=["accuracy"],
+        steps_per_execution=50,
+    )
+    batches = (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .shuffle(512, seed=0)
+        .batch(16, drop_remainder=True)
+        .repeat()
+    )
     history = model.fit(batches, steps_per_epoch=1000, epochs=1, verbose=0)
     assert int(model.optimizer.iterations.numpy()) == 1000
     assert history.history["accuracy"][-1] > 0.9  # it learned the two classes
@@ -108,9 +130,11 @@ def trained_cnn():
 
 def _first_batch(x, y, batch_size, draw):
     """The first batch of a shuffled loader (a new shuffle for each draw), as a dataset."""
-    loader = (tf.data.Dataset.from_tensor_slices((x, y))
-              .shuffle(len(x), seed=1000 + draw, reshuffle_each_iteration=False)
-              .batch(batch_size))
+    loader = (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .shuffle(len(x), seed=1000 + draw, reshuffle_each_iteration=False)
+        .batch(batch_size)
+    )
     return loader.take(1)
 
 
@@ -125,13 +149,22 @@ def _labels_of(batch):
 _SINGLE_CLASS = pytest.mark.xfail(
     strict=True,
     reason="toolkit false alarm: a small batch of one class only is flagged 'mismatch' (its "
-           "within-batch spread cannot show the between-class variance the moving variance "
-           "holds); see test_small_mixed_batches_are_never_flagged")
+    "within-batch spread cannot show the between-class variance the moving variance "
+    "holds); see test_small_mixed_batches_are_never_flagged",
+)
 
 
-@pytest.mark.parametrize("source", [
-    pytest.param(2, marks=_SINGLE_CLASS), pytest.param(4, marks=_SINGLE_CLASS),
-    8, 16, 64, "arrays"])
+@pytest.mark.parametrize(
+    "source",
+    [
+        pytest.param(2, marks=_SINGLE_CLASS),
+        pytest.param(4, marks=_SINGLE_CLASS),
+        8,
+        16,
+        64,
+        "arrays",
+    ],
+)
 def test_no_false_alarm_on_a_model_trained_long(trained_cnn, source):
     model, x, y = trained_cnn
     flagged, rows = [], 0
@@ -144,8 +177,10 @@ def test_no_false_alarm_on_a_model_trained_long(trained_cnn, source):
         rows += len(result)
         flagged += [(draw, r.name, r.verdict) for r in result if r.flagged]
     assert rows == 2 * DRAWS
-    print(f"false alarms, source {source}: {len(flagged)} of {rows} rows "
-          f"({len(flagged) / rows:.1%}): {flagged}")
+    print(
+        f"false alarms, source {source}: {len(flagged)} of {rows} rows "
+        f"({len(flagged) / rows:.1%}): {flagged}"
+    )
     assert flagged == []
 
 
@@ -176,8 +211,10 @@ def test_small_mixed_batches_are_never_flagged(trained_cnn):
             else:
                 single += 1
                 single_flagged += any(r.flagged for r in result)
-    print(f"mixed batches: {mixed}, none flagged; single-class batches: {single}, "
-          f"{single_flagged} flagged")
+    print(
+        f"mixed batches: {mixed}, none flagged; single-class batches: {single}, "
+        f"{single_flagged} flagged"
+    )
     assert mixed >= 40
 
 
@@ -215,8 +252,7 @@ def test_one_bad_value_in_the_data_names_batch_and_layer_and_changes_nothing(bad
     model = _fit(_dense_net(), x, y, epochs=2, batch_size=16)
     bad_x = x.copy()
     bad_x[40, 3] = bad  # sample 40: batch 3 of 16 samples (counting from 1)
-    data = bad_x if kind == "array" else tf.data.Dataset.from_tensor_slices(
-        (bad_x, y)).batch(16)
+    data = bad_x if kind == "array" else tf.data.Dataset.from_tensor_slices((bad_x, y)).batch(16)
     before, predicted = _variables(model), model.predict(x, verbose=0)
     with pytest.raises(ValueError, match=r"batch 3 \(counting from 1\): layer 'bn1'.*non-finite"):
         utils.recalibrate_batchnorm(model, data, batch_size=16)
@@ -275,10 +311,14 @@ def test_nan_moving_variance_is_not_finite_never_ok():
     assert all(r.finite and r.verdict == "ok" for r in utils.diagnose_batchnorm(model, x))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="toolkit bug: a frozen layer with NaN "
-                   "moving statistics feeds NaN to the next BN layer in the fit-mode pass, and "
-                   "diagnose_batchnorm raises 'batch 1 ... layer bn2 received non-finite values; "
-                   "check that batch of the data' instead of giving bn1 the verdict 'not finite'")
+@pytest.mark.xfail(
+    strict=True,
+    raises=ValueError,
+    reason="toolkit bug: a frozen layer with NaN "
+    "moving statistics feeds NaN to the next BN layer in the fit-mode pass, and "
+    "diagnose_batchnorm raises 'batch 1 ... layer bn2 received non-finite values; "
+    "check that batch of the data' instead of giving bn1 the verdict 'not finite'",
+)
 def test_frozen_layer_with_nan_moving_variance_before_another_layer_is_not_finite():
     x, y = _tabular(64)
     model = _fit(_dense_net(), x, y, epochs=3, batch_size=16)
@@ -302,7 +342,7 @@ def _loop(model, x, y, steps, batch_size, training):
         with tf.GradientTape() as tape:
             loss = loss_fn(y[s], model(x[s]) if training is None else model(x[s], training=True))
         grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
     return float(loss)
 
 
@@ -345,10 +385,14 @@ def test_loop_without_training_true_is_never_updated_and_not_recalibrated():
 def test_float64_model_moments_are_float64():
     rng = np.random.default_rng(3)
     x = 50.0 + rng.standard_normal((60, 5)) * [1.0, 2.0, 3.0, 0.5, 0.05]  # float64
-    model = keras.Sequential([
-        keras.Input((5,), dtype="float64"), L.BatchNormalization(name="bn_in", dtype="float64"),
-        L.Dense(3, name="d", dtype="float64"), L.BatchNormalization(name="bn", dtype="float64"),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((5,), dtype="float64"),
+            L.BatchNormalization(name="bn_in", dtype="float64"),
+            L.Dense(3, name="d", dtype="float64"),
+            L.BatchNormalization(name="bn", dtype="float64"),
+        ]
+    )
     bn_in, bn = model.get_layer("bn_in"), model.get_layer("bn")
     assert bn.moving_mean.dtype == "float64"
     gamma, beta = bn_in.gamma.numpy(), bn_in.beta.numpy()
@@ -361,16 +405,18 @@ def test_float64_model_moments_are_float64():
 
     # untrained on purpose (nothing to train for this check): recalibrate the start values
     result = utils.recalibrate_batchnorm(model, x, batch_size=20, include_never_updated=True)
-    seen_in, seen = [np.concatenate([expected(x[s:s + 20])[k] for s in range(0, 60, 20)])
-                     for k in (0, 1)]
+    seen_in, seen = [
+        np.concatenate([expected(x[s : s + 20])[k] for s in range(0, 60, 20)]) for k in (0, 1)
+    ]
     for path, values in (("bn_in", seen_in), ("bn", seen)):
         moments = result.statistics[path]
         assert moments.mean.dtype == np.float64 and moments.count == 60
         np.testing.assert_allclose(moments.mean, values.mean(0), rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(moments.var, values.var(0), rtol=1e-12)
         layer = model.get_layer(path)
-        np.testing.assert_allclose(layer.moving_mean.numpy(), values.mean(0), rtol=1e-12,
-                                   atol=1e-12)
+        np.testing.assert_allclose(
+            layer.moving_mean.numpy(), values.mean(0), rtol=1e-12, atol=1e-12
+        )
         np.testing.assert_allclose(layer.moving_variance.numpy(), values.var(0), rtol=1e-12)
     with utils.recording_batchnorm_inputs(model) as records:
         model(x, training=False)
@@ -387,13 +433,17 @@ def test_float64_model_moments_are_float64():
 
 def _renorm_net():
     clip = {"rmax": 1.5, "rmin": 0.6, "dmax": 0.5}
-    return keras.Sequential([
-        keras.Input((8,)), L.Dense(6, name="d1"),
-        L.BatchNormalization(renorm=True, renorm_clipping=clip, name="rn1"), L.ReLU(),
-        L.Dense(4, name="d2"),
-        L.BatchNormalization(renorm=True, renorm_clipping=clip, name="rn2"),
-        L.Dense(2, activation="softmax"),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((8,)),
+            L.Dense(6, name="d1"),
+            L.BatchNormalization(renorm=True, renorm_clipping=clip, name="rn1"),
+            L.ReLU(),
+            L.Dense(4, name="d2"),
+            L.BatchNormalization(renorm=True, renorm_clipping=clip, name="rn2"),
+            L.Dense(2, activation="softmax"),
+        ]
+    )
 
 
 def test_renorm_with_clipping_is_independent_of_batch_order():
@@ -405,7 +455,7 @@ def test_renorm_with_clipping_is_independent_of_batch_order():
     paths = ("rn1", "rn2")
 
     def restore():
-        for v, value in zip(model.non_trainable_variables, start):
+        for v, value in zip(model.non_trainable_variables, start, strict=False):
             v.assign(value)
 
     results = []
@@ -413,11 +463,18 @@ def test_renorm_with_clipping_is_independent_of_batch_order():
         restore()
         result = utils.recalibrate_batchnorm(model, data, batch_size=16)
         assert int(result) == 2
-        results.append({p: (model.get_layer(p).moving_mean.numpy(),
-                            model.get_layer(p).moving_variance.numpy(),
-                            model.get_layer(p).moving_stddev.numpy()) for p in paths})
+        results.append(
+            {
+                p: (
+                    model.get_layer(p).moving_mean.numpy(),
+                    model.get_layer(p).moving_variance.numpy(),
+                    model.get_layer(p).moving_stddev.numpy(),
+                )
+                for p in paths
+            }
+        )
     for p in paths:
-        for a, b in zip(results[0][p], results[1][p]):
+        for a, b in zip(results[0][p], results[1][p], strict=True):
             np.testing.assert_allclose(a, b, rtol=2e-7, atol=1e-7, err_msg=p)
     # rn1's input does not depend on any state: the NumPy moments of Dense d1
     h = _np(model.get_layer("d1")(x))
@@ -428,8 +485,10 @@ def test_renorm_with_clipping_is_independent_of_batch_order():
     pooled = []
     for data in (batches, batches[::-1]):
         restore()
-        with utils.frozen_moving_statistics(model), \
-                utils.recording_batchnorm_inputs(model) as records:
+        with (
+            utils.frozen_moving_statistics(model),
+            utils.recording_batchnorm_inputs(model) as records,
+        ):
             for batch in data:
                 model(batch, training=True)
         pooled.append(utils._pooled(records["rn2"]).var)
@@ -441,23 +500,37 @@ def test_renorm_with_clipping_is_independent_of_batch_order():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("noisy", [
-    lambda: L.Dropout(0.5, name="noisy"),
-    lambda: L.GaussianNoise(1.0, name="noisy"),
-    lambda: L.GaussianDropout(0.5, name="noisy"),
-], ids=["Dropout", "GaussianNoise", "GaussianDropout"])
+@pytest.mark.parametrize(
+    "noisy",
+    [
+        lambda: L.Dropout(0.5, name="noisy"),
+        lambda: L.GaussianNoise(1.0, name="noisy"),
+        lambda: L.GaussianDropout(0.5, name="noisy"),
+    ],
+    ids=["Dropout", "GaussianNoise", "GaussianDropout"],
+)
 def test_recalibrated_variance_is_that_of_the_layer_input_without_dropout(noisy):
     x, y = _tabular(64)
-    model = keras.Sequential([keras.Input((8,)), L.Dense(6, name="dense"), noisy(),
-                              L.BatchNormalization(name="bn"), L.Dense(2, activation="softmax")])
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            L.Dense(6, name="dense"),
+            noisy(),
+            L.BatchNormalization(name="bn"),
+            L.Dense(2, activation="softmax"),
+        ]
+    )
     model = _fit(model, x, y, epochs=2, batch_size=16)  # fit: with dropout
     bn = model.get_layer("bn")
     trained_var = bn.moving_variance.numpy().copy()
-    others = [v for v in model.non_trainable_variables
-              if not any(v is w for w in bn.non_trainable_variables)]
+    others = [
+        v
+        for v in model.non_trainable_variables
+        if not any(v is w for w in bn.non_trainable_variables)
+    ]
     before = [v.numpy().copy() for v in others]  # the seed generator's state among them
     utils.recalibrate_batchnorm(model, x, batch_size=16)
-    for v, b in zip(others, before):
+    for v, b in zip(others, before, strict=True):
         np.testing.assert_array_equal(v.numpy(), b, err_msg=v.path)
     h = _np(model.get_layer("dense")(x))  # no dropout
     np.testing.assert_allclose(bn.moving_mean.numpy(), h.mean(0), rtol=1e-5, atol=1e-5)
@@ -470,8 +543,9 @@ def test_recalibrated_variance_is_that_of_the_layer_input_without_dropout(noisy)
 def test_augmentation_inside_a_nested_block_runs_in_inference_mode():
     rng = np.random.default_rng(5)
     x = (rng.uniform(0, 1, (32, 6, 6, 1))).astype(np.float32)
-    augment = keras.Sequential([L.RandomContrast(0.9), L.RandomBrightness(0.5, (0, 1))],
-                               name="augment")
+    augment = keras.Sequential(
+        [L.RandomContrast(0.9), L.RandomBrightness(0.5, (0, 1))], name="augment"
+    )
     inputs = keras.Input((6, 6, 1))
     features = L.Conv2D(3, 3, name="conv")(augment(inputs))
     model = keras.Model(inputs, L.BatchNormalization(name="bn")(features))
@@ -497,11 +571,21 @@ def test_precise_bn_recalibrates_before_each_validation(validation_freq):
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="categorical_crossentropy")
     precise = utils.PreciseBN(x, max_samples=96, batch_size=32)
     epochs = 2 * validation_freq  # the last epoch is validated
-    history = model.fit(x, y, epochs=epochs, batch_size=16, validation_data=(xv, yv),
-                        validation_freq=validation_freq, verbose=0, callbacks=[precise])
+    history = model.fit(
+        x,
+        y,
+        epochs=epochs,
+        batch_size=16,
+        validation_data=(xv, yv),
+        validation_freq=validation_freq,
+        verbose=0,
+        callbacks=[precise],
+    )
     assert len(precise.results) == epochs  # one per epoch, with or without validation
-    assert all(isinstance(r, utils.Recalibration) and int(r) == 2 and r.samples == 96
-               and r.batches == 3 for r in precise.results)
+    assert all(
+        isinstance(r, utils.Recalibration) and int(r) == 2 and r.samples == 96 and r.batches == 3
+        for r in precise.results
+    )
     # the last epoch was validated after recalibrating: evaluate now gives the same loss
     validated = history.history["val_loss"]
     assert len(validated) == 2
@@ -525,16 +609,22 @@ def test_precise_bn_recalibrates_before_each_validation(validation_freq):
 
 
 def _never_updated_block():
-    model = keras.Sequential([keras.Input((8,)), L.Dense(16, name="dense"),
-                              L.BatchNormalization(name="bn"), L.Dense(1)])
+    model = keras.Sequential(
+        [keras.Input((8,)), L.Dense(16, name="dense"), L.BatchNormalization(name="bn"), L.Dense(1)]
+    )
     x, _ = _tabular(100)
     return model, x
 
 
 def test_never_updated_layer_is_flagged_with_or_without_a_ragged_last_batch():
     model, x = _never_updated_block()
-    for data, options in ((x, {}), (x, {"batch_size": 100}), (x[:96], {}),
-                          (x, {"batch_size": 25}), (x, {"batch_size": 50})):
+    for data, options in (
+        (x, {}),
+        (x, {"batch_size": 100}),
+        (x[:96], {}),
+        (x, {"batch_size": 25}),
+        (x, {"batch_size": 50}),
+    ):
         (row,) = utils.diagnose_batchnorm(model, data, **options)  # {}: 32, 32, 32 and 4
         assert row.verdict == "never updated", (options, row)
         assert row.shift > 0.5 and row.log_var_gap > 0.4
@@ -569,8 +659,10 @@ def test_tolerances_are_keyword_only_and_batch_sizes_integers():
     with pytest.raises(TypeError, match="positional"):
         utils.diagnose_batchnorm(model, x, 32)
     y = np.zeros((64, 1), "float32")
-    for call, hint in ((lambda: utils.recalibrate_batchnorm(model, x, y), "pass x alone"),
-                       (lambda: utils.recalibrate_batchnorm(model, x, batch_size=32.5), "float")):
+    for call, hint in (
+        (lambda: utils.recalibrate_batchnorm(model, x, y), "pass x alone"),
+        (lambda: utils.recalibrate_batchnorm(model, x, batch_size=32.5), "float"),
+    ):
         before = _variables(model)
         with pytest.raises(TypeError, match=f"batch_size must be an integer.*{hint}"):
             call()
@@ -630,7 +722,8 @@ def test_a_custom_block_runs_in_inference_mode_during_recalibration():
 
 
 class _SharedBN(keras.Model):
-    """One BatchNormalization layer called in fit's mode on one branch, in inference on the other."""
+    """One BatchNormalization layer called in fit's mode on one branch, in inference on the
+    other."""
 
     def __init__(self):
         super().__init__()
@@ -646,7 +739,7 @@ def test_a_shared_layer_trained_on_one_branch_is_diagnosed_as_fit_trains_it():
     model(x[:2])
     (row,) = utils.diagnose_batchnorm(model, x)
     assert not row.frozen and row.flagged  # fit trains it; only fit's calls make the reference
-    per_batch = np.mean([x[i:i + 32].var(axis=0) for i in range(0, 256, 32)], axis=0)
+    per_batch = np.mean([x[i : i + 32].var(axis=0) for i in range(0, 256, 32)], axis=0)
     np.testing.assert_allclose(row.batch_var, np.median(per_batch), rtol=1e-4)
 
 
@@ -711,8 +804,11 @@ def test_a_layer_taking_star_inputs_keeps_its_second_input_during_recalibration(
     model = keras.Model([ia, ib], L.BatchNormalization(name="bn")(_Gate()(ia, ib)))
     model([xa[:2], xb[:2]])
     utils.recalibrate_batchnorm(model, [xa, xb], batch_size=16, include_never_updated=True)
-    np.testing.assert_allclose(model.get_layer("bn").moving_variance.numpy(),
-                               (xa + xb).astype("f8").var(axis=0), rtol=1e-4)
+    np.testing.assert_allclose(
+        model.get_layer("bn").moving_variance.numpy(),
+        (xa + xb).astype("f8").var(axis=0),
+        rtol=1e-4,
+    )
 
 
 def _two_branches(shared_bn):
@@ -757,8 +853,9 @@ def test_max_samples_draws_from_all_of_an_array_sorted_by_class():
     order = np.argsort(y[:, 1], kind="stable")  # all of class 0 first, as folder order gives
     model = _dense_net()
     model(x[:2])
-    utils.recalibrate_batchnorm(model, x[order], batch_size=32, max_samples=256,
-                                include_never_updated=True)
+    utils.recalibrate_batchnorm(
+        model, x[order], batch_size=32, max_samples=256, include_never_updated=True
+    )
     subset = utils.moving_statistics(model)["bn1"]
     utils.recalibrate_batchnorm(model, x, batch_size=32)
     full = utils.moving_statistics(model)["bn1"]
@@ -767,9 +864,17 @@ def test_max_samples_draws_from_all_of_an_array_sorted_by_class():
 
 def test_renorm_layers_are_right_after_one_recalibration():
     x, y = _tabular(256)
-    model = keras.Sequential([keras.Input((8,)), L.Dense(6), L.BatchNormalization(renorm=True),
-                              L.ReLU(), L.Dense(4), L.BatchNormalization(renorm=True),
-                              L.Dense(2, activation="softmax")])
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            L.Dense(6),
+            L.BatchNormalization(renorm=True),
+            L.ReLU(),
+            L.Dense(4),
+            L.BatchNormalization(renorm=True),
+            L.Dense(2, activation="softmax"),
+        ]
+    )
     _fit(model, x, y, epochs=1, batch_size=32)
     utils.recalibrate_batchnorm(model, x, batch_size=32)
     rows = utils.diagnose_batchnorm(model, x, max_samples=256)
@@ -780,8 +885,14 @@ def test_never_updated_statistics_of_a_clone_are_explained():
     x, y = _tabular(128)
     model = _fit(_dense_net(), x, y, epochs=2, batch_size=16)
     clone = keras.models.clone_model(model)  # fresh statistics 0 and 1, weights set after
-    clone.set_weights([w if "moving" not in v.path else (np.zeros_like(w) if "mean" in v.path
-                       else np.ones_like(w)) for w, v in zip(model.get_weights(), model.weights)])
+    clone.set_weights(
+        [
+            w
+            if "moving" not in v.path
+            else (np.zeros_like(w) if "mean" in v.path else np.ones_like(w))
+            for w, v in zip(model.get_weights(), model.weights, strict=True)
+        ]
+    )
     with pytest.raises(ValueError, match="cloned or rebuilt.*include_never_updated=True"):
         utils.recalibrate_batchnorm(clone, x, batch_size=16)
     assert utils.recalibrate_batchnorm(clone, x, batch_size=16, include_never_updated=True) == 2
@@ -796,17 +907,34 @@ def test_bad_arguments_are_refused_with_a_clear_error():
         (TypeError, "the model comes first", lambda: utils.diagnose_batchnorm(x, model)),
         (ValueError, "all finite", lambda: utils.diagnose_batchnorm(model, x, shift_tol=np.nan)),
         (ValueError, "all finite", lambda: utils.diagnose_batchnorm(model, x, noise=np.inf)),
-        (TypeError, "batch_size must be an integer",
-         lambda: utils.recalibrate_batchnorm(model, x, batch_size=None)),
-        (TypeError, "True or False",
-         lambda: utils.recalibrate_batchnorm(model, x, include_frozen="no")),
-        (ValueError, "lengths differ",
-         lambda: utils.recalibrate_batchnorm(keras.Model(
-             [i := keras.Input((8,)), j := keras.Input((8,))],
-             L.BatchNormalization()(L.Add()([i, j]))), [x[:32], x], batch_size=16,
-             include_never_updated=True)),
-        (ValueError, "max_rows=-1", lambda: utils.gaps_table_html(
-            utils.diagnose_batchnorm(model, x), max_rows=-1)),
+        (
+            TypeError,
+            "batch_size must be an integer",
+            lambda: utils.recalibrate_batchnorm(model, x, batch_size=None),
+        ),
+        (
+            TypeError,
+            "True or False",
+            lambda: utils.recalibrate_batchnorm(model, x, include_frozen="no"),
+        ),
+        (
+            ValueError,
+            "lengths differ",
+            lambda: utils.recalibrate_batchnorm(
+                keras.Model(
+                    [i := keras.Input((8,)), j := keras.Input((8,))],
+                    L.BatchNormalization()(L.Add()([i, j])),
+                ),
+                [x[:32], x],
+                batch_size=16,
+                include_never_updated=True,
+            ),
+        ),
+        (
+            ValueError,
+            "max_rows=-1",
+            lambda: utils.gaps_table_html(utils.diagnose_batchnorm(model, x), max_rows=-1),
+        ),
     ]
     for error, message, call in cases:
         with pytest.raises(error, match=message):
@@ -850,9 +978,16 @@ class _Shifted(L.BatchNormalization):
 
 def test_a_subclass_that_always_runs_in_inference_mode_is_frozen_and_left_alone():
     x, y = _tabular(256)
-    model = keras.Sequential([keras.Input((8,)), L.Dense(4, name="d1"),
-                              _AlwaysInference(name="fixed"), L.Dense(4, name="d2"),
-                              L.BatchNormalization(name="bn"), L.Dense(2, activation="softmax")])
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            L.Dense(4, name="d1"),
+            _AlwaysInference(name="fixed"),
+            L.Dense(4, name="d2"),
+            L.BatchNormalization(name="bn"),
+            L.Dense(2, activation="softmax"),
+        ]
+    )
     model(x[:2])
     model.get_layer("fixed").moving_mean.assign(np.full(4, 0.5, "f4"))
     model.get_layer("fixed").moving_variance.assign(np.full(4, 2.0, "f4"))
@@ -869,8 +1004,11 @@ def test_a_subclass_is_recalibrated_on_what_its_base_layer_receives():
     model = keras.Sequential([keras.Input((8,)), _Shifted(name="shifted")])
     model(x[:2])
     utils.recalibrate_batchnorm(model, x, batch_size=32, include_never_updated=True)
-    np.testing.assert_allclose(model.get_layer("shifted").moving_mean.numpy(),
-                               (x.astype("f8") * 10 + 5).mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(
+        model.get_layer("shifted").moving_mean.numpy(),
+        (x.astype("f8") * 10 + 5).mean(axis=0),
+        rtol=1e-5,
+    )
 
 
 class _Endless(keras.utils.PyDataset):
@@ -886,7 +1024,7 @@ class _Endless(keras.utils.PyDataset):
 
     def __getitem__(self, index):
         start = (index % 8) * 16
-        return self.x[start:start + 16]
+        return self.x[start : start + 16]
 
 
 def test_an_endless_pydataset_is_read_batch_after_batch():
@@ -905,7 +1043,11 @@ class _Spare(keras.Model):
 
     def __init__(self):
         super().__init__(name="spare_net")
-        self.dense, self.bn, self.spare = L.Dense(4), L.BatchNormalization(), L.BatchNormalization()
+        self.dense, self.bn, self.spare = (
+            L.Dense(4),
+            L.BatchNormalization(),
+            L.BatchNormalization(),
+        )
 
     def call(self, x, training=None):
         return self.bn(self.dense(x), training=training)
@@ -924,8 +1066,12 @@ def test_precise_bn_and_the_diagnostic_refuse_bad_options_at_once():
     x, _ = _tabular(64)
     model = _dense_net()
     model(x[:2])
-    for bad in ({"estimator": "x"}, {"max_batches": 0}, {"include_frozen": 1},
-                {"verbose": "loud"}):
+    for bad in (
+        {"estimator": "x"},
+        {"max_batches": 0},
+        {"include_frozen": 1},
+        {"verbose": "loud"},
+    ):
         with pytest.raises((TypeError, ValueError)):
             utils.PreciseBN(x, **bad)
     with pytest.raises(TypeError, match="cannot read batches"):

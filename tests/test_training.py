@@ -1,4 +1,5 @@
-"""Unit tests of how the series trains the case: ``utils.memorised`` and ``utils.StopWhenMemorised``.
+"""Unit tests of how the series trains the case: ``utils.memorised`` and
+``utils.StopWhenMemorised``.
 
 Small models only (seconds). The expected answers are computed independently: the training-mode
 batch statistics by NumPy from the layer's input, the class by ``np.argmax``.
@@ -46,12 +47,14 @@ def test_memorised_judges_the_training_mode_answer_and_leaves_statistics(data):
     expected = bool((_training_mode_classes(model, x) == np.arange(3)).all())
     assert utils.memorised(model, x, y) is expected
     model.fit(x, y, epochs=60, verbose=0)
-    assert utils.memorised(model, x, y) is bool((_training_mode_classes(model, x) == np.arange(3)).all())
+    assert utils.memorised(model, x, y) is bool(
+        (_training_mode_classes(model, x) == np.arange(3)).all()
+    )
     assert utils.memorised(model, x, y)  # 60 Adam steps memorise three points
     after = [v.numpy() for v in model.get_layer("bn").non_trainable_variables]
     model.fit(x, y, epochs=1, verbose=0)  # fit still moves them: memorised() restored, not froze
     assert not np.array_equal(after[0], model.get_layer("bn").moving_mean.numpy())
-    assert all(b.shape == a.shape for b, a in zip(before, after))
+    assert all(b.shape == a.shape for b, a in zip(before, after, strict=False))
 
 
 def test_memorised_restores_statistics_exactly(data):
@@ -60,7 +63,7 @@ def test_memorised_restores_statistics_exactly(data):
     model.fit(x, y, epochs=3, verbose=0)
     before = [v.numpy().copy() for v in model.non_trainable_variables]
     utils.memorised(model, x, y)
-    for b, v in zip(before, model.non_trainable_variables):
+    for b, v in zip(before, model.non_trainable_variables, strict=False):
         np.testing.assert_array_equal(b, v.numpy())
 
 
@@ -97,13 +100,15 @@ def test_stop_when_memorised_rejects_bad_min_epochs(data):
 
 
 def _small_resnet_stand_in(num_classes, seed=0, **_):
-    """What ``utils.build_resnet50`` returns, in small: uncompiled, seeded, with BatchNormalization."""
+    """What ``utils.build_resnet50`` returns, in small: uncompiled, seeded, with
+    BatchNormalization."""
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((6,))
     hidden = keras.layers.Dense(4, name="dense")(inputs)
     normalized = keras.layers.BatchNormalization(name="bn")(hidden)
-    return keras.Model(inputs, keras.layers.Dense(num_classes, activation="softmax", name="head")(
-        normalized))
+    return keras.Model(
+        inputs, keras.layers.Dense(num_classes, activation="softmax", name="head")(normalized)
+    )
 
 
 def test_case_record_notes_each_epoch_without_changing_the_training(data, tmp_path, monkeypatch):
@@ -114,12 +119,18 @@ def test_case_record_notes_each_epoch_without_changing_the_training(data, tmp_pa
     model = utils.compile_model(_small_resnet_stand_in(3))
     record = utils.CaseRecord(x, y)
     model.fit(x, y, epochs=4, verbose=0, callbacks=[record])
-    assert all(np.array_equal(a, b) for a, b in zip(plain.get_weights(), model.get_weights()))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(plain.get_weights(), model.get_weights(), strict=True)
+    )
     assert record.updates == 4 and len(record.moving["bn"]) == len(record.batch["bn"]) == 5
     assert np.array_equal(record.moving["bn"][0][1], np.ones(4))  # Keras's start value
-    assert np.array_equal(record.moving["bn"][-1][1], model.get_layer("bn").moving_variance.numpy())
-    h = x.astype(np.float64) @ model.get_layer("dense").kernel.numpy() + model.get_layer(
-        "dense").bias.numpy()
+    assert np.array_equal(
+        record.moving["bn"][-1][1], model.get_layer("bn").moving_variance.numpy()
+    )
+    h = (
+        x.astype(np.float64) @ model.get_layer("dense").kernel.numpy()
+        + model.get_layer("dense").bias.numpy()
+    )
     assert np.allclose(record.batch["bn"][-1].var, h.var(axis=0), rtol=1e-5)
     assert np.allclose(record.fit_loss, record.train_loss[:-1], rtol=1e-4)
     assert [p.suffix for p in tmp_path.iterdir()] == [".pkl"]
@@ -134,12 +145,18 @@ def test_trained_case_reads_what_was_saved_and_trains_when_nothing_is(data, tmp_
     (saved,) = tmp_path.iterdir()
     read, second = utils.trained_case(x, y)
     assert 5 <= first.updates == second.updates <= 8
-    assert all(np.array_equal(a, b) for a, b in zip(trained.get_weights(), read.get_weights()))
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(trained.get_weights(), read.get_weights(), strict=True)
+    )
     assert second.infer_loss == first.infer_loss and second.fit_loss == first.fit_loss
     saved.write_bytes(saved.read_bytes()[:100])  # a half-written file: trained again, not read
     again, third = utils.trained_case(x, y)
     assert third.infer_loss == first.infer_loss and len(saved.read_bytes()) > 100
-    assert all(np.array_equal(a, b) for a, b in zip(trained.get_weights(), again.get_weights()))
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(trained.get_weights(), again.get_weights(), strict=True)
+    )
 
 
 def test_case_record_saves_only_the_case_s_recipe(data, tmp_path, monkeypatch):
@@ -148,8 +165,14 @@ def test_case_record_saves_only_the_case_s_recipe(data, tmp_path, monkeypatch):
     (tmp_path / "my_experiment.pkl").write_bytes(b"a learner's file")
     weighted = utils.compile_model(_small_resnet_stand_in(3))
     with pytest.warns(UserWarning, match="not the case's training"):  # fit's loss is weighted
-        weighted.fit(x, y, epochs=3, verbose=0, class_weight={0: 10.0, 1: 1.0, 2: 1.0},
-                     callbacks=[utils.CaseRecord(x, y)])
+        weighted.fit(
+            x,
+            y,
+            epochs=3,
+            verbose=0,
+            class_weight={0: 10.0, 1: 1.0, 2: 1.0},
+            callbacks=[utils.CaseRecord(x, y)],
+        )
     resumed = utils.compile_model(_small_resnet_stand_in(3))
     with pytest.warns(UserWarning, match="not the case's training"):  # started at epoch 2
         resumed.fit(x, y, initial_epoch=2, epochs=4, verbose=0, callbacks=[utils.CaseRecord(x, y)])

@@ -123,8 +123,9 @@ def determinism_restored():
 def _minimum(**versions):
     """A ``MIN_VERSIONS`` table: the installed versions, except those given (with a reason)."""
     table = {name: (found, "reason") for name, found in _installed().items()}
-    table.update({name: (low, f"{name} needs {low} for the test")
-                  for name, low in versions.items()})
+    table.update(
+        {name: (low, f"{name} needs {low} for the test") for name, low in versions.items()}
+    )
     return table
 
 
@@ -148,8 +149,9 @@ def test_setup_names_the_old_package_and_the_fix(monkeypatch, determinism_restor
 
 
 def test_setup_lists_every_old_package(monkeypatch, determinism_restored):
-    monkeypatch.setattr(utils, "MIN_VERSIONS",
-                        _minimum(tensorflow="999.0", keras="999.1", pillow="999.2"))
+    monkeypatch.setattr(
+        utils, "MIN_VERSIONS", _minimum(tensorflow="999.0", keras="999.1", pillow="999.2")
+    )
     with pytest.raises(RuntimeError) as info:
         utils.setup(threads=None)
     message = str(info.value)
@@ -214,8 +216,9 @@ def test_setup_fixes_the_thread_pools_once(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("TF_NUM_")}
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
     assert [line.endswith("| 1+1 threads") for line in lines[:2]] == [True, True], lines
@@ -394,9 +397,7 @@ def _digest(arrays):
 
 def _conv_kernels(model):
     return [
-        layer.kernel.numpy()
-        for layer in model.layers
-        if isinstance(layer, keras.layers.Conv2D)
+        layer.kernel.numpy() for layer in model.layers if isinstance(layer, keras.layers.Conv2D)
     ]
 
 
@@ -581,8 +582,17 @@ def test_log_variance_ratio_hand_computed():
 
 def _gap(index, name, flagged, **fields):
     """A ``LayerGap`` built by hand; the numbers are arbitrary but distinct."""
-    values = dict(channels=8, batch_var=9.0, moving_var=1.0, shift=0.5, log_var_gap=2.197,
-                  noise_shift=0.04, noise_log_var=0.06, samples=40, batches=2)
+    values = dict(
+        channels=8,
+        batch_var=9.0,
+        moving_var=1.0,
+        shift=0.5,
+        log_var_gap=2.197,
+        noise_shift=0.04,
+        noise_log_var=0.06,
+        samples=40,
+        batches=2,
+    )
     values.update(fields)
     return utils.LayerGap(index=index, name=name, flagged=flagged, **values)
 
@@ -729,10 +739,9 @@ def test_frozen_moving_statistics_restores_variables(tiny, data):
     np.testing.assert_array_equal(bn.moving_mean.numpy(), [0.0, 0.0])
     np.testing.assert_array_equal(bn.moving_variance.numpy(), [1.0, 1.0])
 
-    with pytest.raises(KeyError):
-        with utils.frozen_moving_statistics(model):
-            bn.moving_variance.assign([7.0, 7.0])
-            raise KeyError("boom")
+    with pytest.raises(KeyError), utils.frozen_moving_statistics(model):
+        bn.moving_variance.assign([7.0, 7.0])
+        raise KeyError("boom")
     np.testing.assert_array_equal(bn.moving_variance.numpy(), [1.0, 1.0])
 
 
@@ -763,9 +772,8 @@ def test_recording_batchnorm_inputs_one_record_per_call(tiny, data):
 
 def test_recording_batchnorm_inputs_restores_after_an_error(tiny, data):
     model, bn = tiny
-    with pytest.raises(RuntimeError):
-        with utils.recording_batchnorm_inputs(model):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), utils.recording_batchnorm_inputs(model):
+        raise RuntimeError("boom")
     assert "call" not in vars(bn)
 
 
@@ -786,7 +794,8 @@ def test_diagnose_flags_fresh_layer_and_recalibration_fixes_it(tiny, data):
     assert row.moving_var == pytest.approx(1.0)
     assert row.shift == pytest.approx(np.median(np.abs(mean) / np.sqrt(var + eps)), rel=1e-5)
     assert row.log_var_gap == pytest.approx(
-        np.median(np.abs(np.log((1 + eps) / (var + eps)))), rel=1e-5)
+        np.median(np.abs(np.log((1 + eps) / (var + eps)))), rel=1e-5
+    )
     assert row.shift > 2 * row.noise_shift and row.log_var_gap > 2 * row.noise_log_var
     np.testing.assert_array_equal(bn.moving_mean.numpy(), [0.0, 0.0])  # untouched
 
@@ -972,7 +981,7 @@ def test_diagnose_flags_only_gaps_beyond_the_noise_of_one_batch(tiny, data):
     assert not row.flagged and row.verdict == "ok"
     assert utils.diagnose_batchnorm(model, x, batch_size=4, noise=0)[0].flagged  # fixed only
     # The reference is what the moving average estimates: the mean of the batches' moments.
-    batch_vars = [_np_moments(x[s:s + 4])[1] for s in (0, 4, 8)]
+    batch_vars = [_np_moments(x[s : s + 4])[1] for s in (0, 4, 8)]
     assert row.batch_var == pytest.approx(np.median(np.mean(batch_vars, axis=0)), rel=1e-5)
     # The noise decides only above the fixed tolerance: a huge noise factor flags nothing,
     # and a gap under the fixed tolerance is never flagged, however small the noise.
@@ -983,8 +992,10 @@ def test_diagnose_flags_only_gaps_beyond_the_noise_of_one_batch(tiny, data):
     for kwargs in ({}, {"batch_size": 4}, {"batch_size": 3}, {"noise": 0.5}):
         r = utils.diagnose_batchnorm(model, x, **kwargs)[0]
         noise = kwargs.get("noise", 2.0)
-        assert r.flagged == bool(r.shift > max(0.2, noise * r.noise_shift)
-                                 or r.log_var_gap > max(np.log(1.5), noise * r.noise_log_var))
+        assert r.flagged == bool(
+            r.shift > max(0.2, noise * r.noise_shift)
+            or r.log_var_gap > max(np.log(1.5), noise * r.noise_log_var)
+        )
 
 
 def test_diagnose_noise_is_the_scatter_of_one_batch(tiny, data):
@@ -1123,8 +1134,9 @@ def test_precise_bn_recalibrates_every_epoch(tiny, data):
     assert (small.results[0].samples, small.results[0].batches) == (4, 2)
     # max_samples takes a subset of the arrays: the statistics are those of some 4 of the samples
     subsets = itertools.combinations(range(len(x)), 4)
-    assert any(np.allclose(bn.moving_mean.numpy(), _np_moments(x[list(s)])[0], rtol=1e-4)
-               for s in subsets)
+    assert any(
+        np.allclose(bn.moving_mean.numpy(), _np_moments(x[list(s)])[0], rtol=1e-4) for s in subsets
+    )
 
 
 def test_precise_bn_recalibrates_before_validation_and_only_inside_fit(tiny, data):
@@ -1132,8 +1144,9 @@ def test_precise_bn_recalibrates_before_validation_and_only_inside_fit(tiny, dat
     x, y = data
     utils.compile_model(model)
     precise = utils.PreciseBN(x, batch_size=10)
-    history = model.fit(x, y, epochs=2, batch_size=4, validation_data=(x, y), verbose=0,
-                        callbacks=[precise])
+    history = model.fit(
+        x, y, epochs=2, batch_size=4, validation_data=(x, y), verbose=0, callbacks=[precise]
+    )
     assert len(precise.results) == 2  # once per epoch: before validation, not again at its end
     np.testing.assert_allclose(bn.moving_mean.numpy(), _np_moments(x)[0], rtol=1e-4)
     # Validation judged the recalibrated statistics, as evaluate does now.
@@ -1160,8 +1173,11 @@ def test_every_public_helper_is_tested():
     source = "\n".join(p.read_text(encoding="utf-8") for p in sorted(here.glob("test_*.py")))
     public, toolkit = _defined_in(utils), _defined_in(bn_toolkit)
     untested = [name for name in public if f"utils.{name}" not in source]
-    untested += [name for name in toolkit
-                 if f"utils.{name}" not in source and f"bn_toolkit.{name}" not in source]
+    untested += [
+        name
+        for name in toolkit
+        if f"utils.{name}" not in source and f"bn_toolkit.{name}" not in source
+    ]
     assert public and toolkit and not untested, f"no test calls: {untested}"
 
 
@@ -1187,7 +1203,8 @@ def test_release_memory_clears_the_session():
 
 
 def test_load_images_raises_only_the_documented_types(tmp_path):
-    """Whatever the bad input, the learner meets FileNotFoundError or ValueError, never Pillow's own."""
+    """Whatever the bad input, the learner meets FileNotFoundError or ValueError, never Pillow's
+    own."""
     cases = {"missing": None, "empty": [], "one": ["a.png"], "junk": ["a.png", "b.bin"]}
     for name, files in cases.items():
         folder = tmp_path / name
@@ -1207,7 +1224,8 @@ def test_weights_digest_follows_every_weight_and_moving_statistic():
     first, second = utils.build_small_cnn(), utils.build_small_cnn()  # the same seed
     assert utils.weights_digest(first) == utils.weights_digest(second)
     second.get_layer("bn3").moving_variance.assign(
-        second.get_layer("bn3").moving_variance.numpy() * 2)
+        second.get_layer("bn3").moving_variance.numpy() * 2
+    )
     assert utils.weights_digest(first) != utils.weights_digest(second)
     third = utils.build_small_cnn()
     kernel = third.get_layer("conv1").kernel

@@ -32,12 +32,12 @@ def test_draw_patterns_shapes_balance_and_dtype():
 def test_draw_patterns_is_reproducible_with_a_generator_and_with_the_global_seed():
     a = utils.draw_patterns(8, rng=np.random.default_rng(3))
     b = utils.draw_patterns(8, rng=np.random.default_rng(3))
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     np.random.seed(5)
     c = utils.draw_patterns(8)
     np.random.seed(5)
     d = utils.draw_patterns(8)
-    assert all(np.array_equal(x, y) for x, y in zip(c, d))
+    assert all(np.array_equal(x, y) for x, y in zip(c, d, strict=True))
 
 
 def test_draw_patterns_gain_and_offset_map_every_pixel():
@@ -51,7 +51,7 @@ def test_draw_patterns_gain_and_offset_map_every_pixel():
 
 def test_draw_patterns_without_noise_draws_the_class_pattern():
     images, labels = utils.draw_patterns(40, size=16, noise=0.0, rng=np.random.default_rng(2))
-    for image, label in zip(images[..., 0], labels.argmax(axis=1)):
+    for image, label in zip(images[..., 0], labels.argmax(axis=1), strict=True):
         name = PATTERN_CLASSES[label]
         rows_constant = np.allclose(image, image[:, :1])  # horizontal stripes: rows constant
         columns_constant = np.allclose(image, image[:1, :])
@@ -62,15 +62,22 @@ def test_draw_patterns_without_noise_draws_the_class_pattern():
         assert diagonal == (name == "diagonal")
 
 
-@pytest.mark.parametrize("kwargs, error, named", [
-    ({"count": 0}, ValueError, "count"), ({"count": -3}, ValueError, "count"),
-    ({"count": 4, "size": 4}, ValueError, "size"), ({"count": 4, "noise": -1.0}, ValueError, "noise"),
-    ({"count": 4, "gain": 0.0}, ValueError, "gain"), ({"count": 4, "gain": -1.0}, ValueError, "gain"),
-    ({"count": 4, "noise": float("nan")}, ValueError, "noise"),
-    ({"count": 4, "offset": float("inf")}, ValueError, "offset"),
-    ({"count": 2.5}, TypeError, "count"), ({"count": "8"}, TypeError, "count"),
-    ({"count": 4, "gain": "2"}, TypeError, "gain"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, named",
+    [
+        ({"count": 0}, ValueError, "count"),
+        ({"count": -3}, ValueError, "count"),
+        ({"count": 4, "size": 4}, ValueError, "size"),
+        ({"count": 4, "noise": -1.0}, ValueError, "noise"),
+        ({"count": 4, "gain": 0.0}, ValueError, "gain"),
+        ({"count": 4, "gain": -1.0}, ValueError, "gain"),
+        ({"count": 4, "noise": float("nan")}, ValueError, "noise"),
+        ({"count": 4, "offset": float("inf")}, ValueError, "offset"),
+        ({"count": 2.5}, TypeError, "count"),
+        ({"count": "8"}, TypeError, "count"),
+        ({"count": 4, "gain": "2"}, TypeError, "gain"),
+    ],
+)
 def test_draw_patterns_rejects_bad_arguments_naming_only_the_bad_one(kwargs, error, named):
     with pytest.raises(error) as caught:
         utils.draw_patterns(**kwargs)
@@ -99,7 +106,7 @@ def test_build_small_cnn_same_seed_same_weights():
     a = utils.build_small_cnn(seed=7)
     b = utils.build_small_cnn(seed=7)
     c = utils.build_small_cnn(seed=8)
-    assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
+    assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights(), strict=True))
     kernel_a, kernel_c = a.get_layer("conv1").kernel.numpy(), c.get_layer("conv1").kernel.numpy()
     assert not np.array_equal(kernel_a, kernel_c)
 
@@ -131,13 +138,13 @@ def test_per_batch_statistics_match_numpy_and_leave_the_model_untouched():
     # bn1 receives conv1's output; compute it independently for every batch
     conv = keras.Model(model.input, model.get_layer("conv1").output)
     for index, start in enumerate(range(0, 10, 4)):
-        values = np.asarray(conv(images[start:start + 4]), dtype=np.float64)
+        values = np.asarray(conv(images[start : start + 4]), dtype=np.float64)
         moments = stats["bn1"][index]
         np.testing.assert_allclose(moments.mean, values.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(moments.var, values.var(axis=(0, 1, 2)), rtol=1e-3, atol=1e-6)
         assert moments.count == values.shape[0] * 8 * 8
     after = [w.numpy() for w in model.weights]
-    assert all(np.array_equal(b, a) for b, a in zip(before, after))
+    assert all(np.array_equal(b, a) for b, a in zip(before, after, strict=False))
 
 
 def test_per_batch_statistics_of_one_sample_after_a_dense_layer_have_zero_variance():
