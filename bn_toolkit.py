@@ -231,7 +231,7 @@ def _moments_of(layer, inputs, mask, training, spread=False) -> Moments:
         mean, var, count, share, per_sample = _masked_moments(values, mask, axes, inner)
     mean_se = var_se = None
     samples = values.shape[0] if 0 in axes else 1
-    if spread and samples and samples > 1:
+    if spread and samples and samples > 1 and count > 0:
         mean_se, var_se = _standard_errors(values, mean, var, count, share, per_sample, samples)
     is_training = bool(training) and bool(layer.trainable)
     return Moments(_flat(mean), _flat(var), count, is_training, _flat(mean_se), _flat(var_se))
@@ -744,6 +744,7 @@ def _others_in_inference_mode(model):
 def _passes(model, data, batch_size, max_batches, max_samples, where, spread=False):
     """Yield ``(batch number, samples, path -> [Moments])``: per batch a ``fit``-mode pass (other
     layers in inference mode) from the same state, restored; non-finite inputs: ``ValueError``."""
+    _check_input_count(model, data, where)
     count = 0
     with (
         frozen_moving_statistics(model),
@@ -764,10 +765,39 @@ def _passes(model, data, batch_size, max_batches, max_samples, where, spread=Fal
         raise ValueError(f"{where}: {_EMPTY}")
 
 
-def _training_pass(model, x, count: int, where: str) -> None:
-    """``model(x, training=True)``; the first batch's failure explained as unfit data."""
+def _fit_call(model, x) -> None:
+    """Calls ``model`` on ``x`` as ``fit`` does: ``training=True`` where its ``call`` takes a
+    ``training`` argument, else no ``training`` at all (its layers then run in inference mode,
+    as in ``fit``)."""
     try:
+        takes_training = "training" in inspect.signature(model.call).parameters
+    except (TypeError, ValueError):  # no signature: as a standard model
+        takes_training = True
+    if takes_training:
         model(x, training=True)
+    else:
+        model(x)
+
+
+def _check_input_count(model, data, where: str) -> None:
+    """``ValueError`` for a list or tuple of arrays that is not one array per model input (a
+    list of batches would be read as that many inputs)."""
+    inputs = getattr(model, "inputs", None)
+    if not isinstance(data, (list, tuple)) or not inputs or len(data) == len(inputs):
+        return
+    if all(isinstance(a, np.ndarray) or keras.ops.is_tensor(a) for a in data):
+        raise ValueError(
+            f"{where}: a {type(data).__name__} of {len(data)} arrays is read as one array per "
+            f"input, and the model takes {len(inputs)}: pass one array (cut into batches of "
+            "batch_size), a tf.data.Dataset or a generator of batches"
+        )
+
+
+def _training_pass(model, x, count: int, where: str) -> None:
+    """A pass as ``fit`` makes it (``_fit_call``); the first batch's failure explained as unfit
+    data."""
+    try:
+        _fit_call(model, x)
     except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
         if count > 1:
             raise
@@ -786,6 +816,12 @@ def _check_received(records: dict, count: int, where: str) -> None:
     """``ValueError`` if a layer received non-finite values or normalized one value a channel."""
     for path, calls in records.items():
         for moments in calls:
+            if moments.count == 0:
+                raise ValueError(
+                    f"{where}: batch {count} (counting from 1): layer {path!r} received no "
+                    "value its mask keeps (a batch whose mask is all False): leave such "
+                    "batches out of the data. No statistic was changed"
+                )
             if not (np.isfinite(moments.mean).all() and np.isfinite(moments.var).all()):
                 raise ValueError(
                     f"{where}: batch {count} (counting from 1): layer {path!r} received "
@@ -795,8 +831,9 @@ def _check_received(records: dict, count: int, where: str) -> None:
             if moments.training and moments.count == 1:
                 raise ValueError(
                     f"{where}: batch {count}: layer {path!r} normalized one "
-                    "value per channel (variance 0, output beta): use batches "
-                    "of 2+ samples (batch_size, max_samples)"
+                    "value per channel (variance 0, output beta): every batch needs 2+ "
+                    "samples; with arrays, choose batch_size or max_samples so that the "
+                    "last batch is not a single sample. No statistic was changed"
                 )
 
 
@@ -1370,9 +1407,10 @@ def recalibrate_batchnorm(
             into batches of this size; other data keeps its own batches.
         max_batches: Stop after this many batches (`None`: no limit).
         max_samples: Stop after this many samples. From arrays it takes a random subset, the
-            same on every call (NumPy's `default_rng(0)`), so arrays sorted by class still give
-            every class; from other data, the first samples. A cut that would leave a last batch
-            of one sample drops it.
+            same on every call (NumPy's `default_rng(0)`), in the arrays' order; from other data,
+            the first samples. A cut that would leave a last batch of one sample drops it.
+            Batches follow the data's order: shuffle arrays sorted by class first, or each
+            batch holds one class.
         estimator: `"population"` (the pooled moments of everything seen; fvcore's
             `update_bn_stats` computes the same) or `"batch_mean"` (the mean of per-batch means
             and biased variances).
@@ -1420,6 +1458,12 @@ def recalibrate_batchnorm(
     saved = [(v, v.numpy()) for layer in targets.values() for v in layer.non_trainable_variables]
     renorm_layers = [layer for layer in targets.values() if getattr(layer, "renorm", False)]
     rounds = 1 + len(renorm_layers)
+    if rounds > 1 and hasattr(data, "__next__"):
+        raise ValueError(
+            f"recalibrate_batchnorm: {len(renorm_layers)} renorm layer(s) need {rounds} passes "
+            "over the data, and a generator or iterator can be read once: pass arrays, a "
+            "tf.data.Dataset or a PyDataset"
+        )
     reading = dict(batch_size=batch_size, max_batches=max_batches, max_samples=max_samples)
     try:  # renorm's statistics shape what later layers receive in fit: a pass per renorm layer
         for layer in thawed:

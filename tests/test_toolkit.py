@@ -1080,3 +1080,74 @@ def test_precise_bn_and_the_diagnostic_refuse_bad_options_at_once():
         utils.recalibrate_batchnorm(model, x, verbose=5)
     with pytest.raises(ValueError, match="shift_tol=0.2"):
         utils.diagnose_batchnorm(model, x, shift_tol="0.2")
+
+
+# ---------------------------------------------------------------------------
+# Data and models that fit reads otherwise than it looks
+# ---------------------------------------------------------------------------
+
+
+class NoTrainingArgument(keras.Model):
+    """A subclassed model whose ``call`` takes no ``training``: ``fit`` then calls it without
+    one, and its BatchNormalization layer runs in inference mode in ``fit`` too."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense, self.bn = L.Dense(4), L.BatchNormalization(name="bn")
+        self.out = L.Dense(2, activation="softmax")
+
+    def call(self, inputs):
+        return self.out(self.bn(self.dense(inputs)))
+
+
+def test_a_model_without_a_training_argument_is_passed_as_fit_passes_it():
+    x, y = _tabular(64)
+    model = _fit(NoTrainingArgument(), x, y, epochs=2, batch_size=16)
+    (row,) = utils.diagnose_batchnorm(model, x, batch_size=16)
+    assert row.in_fit == "frozen"  # fit never normalized with batch statistics here
+    before = _variables(model)
+    with pytest.raises(ValueError, match="no BatchNormalization layer"):
+        utils.recalibrate_batchnorm(model, x, batch_size=16)
+    _assert_all_variables_equal(model, before)
+
+
+def test_a_list_of_batches_for_a_model_with_one_input_is_refused():
+    x, y = _tabular(64)
+    model = _fit(_dense_net(), x, y, epochs=1, batch_size=16)
+    before = _variables(model)
+    batches = [x[i : i + 16] for i in range(0, 64, 16)]
+    with pytest.raises(ValueError, match="4 arrays is read as one array per input"):
+        utils.recalibrate_batchnorm(model, batches, batch_size=16)
+    with pytest.raises(ValueError, match="the model takes 1"):
+        utils.diagnose_batchnorm(model, batches)
+    _assert_all_variables_equal(model, before)
+
+
+def test_a_batch_whose_mask_keeps_nothing_is_named_and_changes_nothing():
+    rng = np.random.default_rng(6)
+    tokens = rng.integers(1, 20, (64, 10))
+    tokens[16:32] = 0  # the second batch of 16 is all padding
+    inputs = keras.Input((10,))
+    embedded = L.Embedding(20, 4, mask_zero=True)(inputs)
+    model = keras.Model(inputs, L.Dense(1)(L.Flatten()(L.BatchNormalization(name="bn")(embedded))))
+    model(tokens[:2])
+    before = _variables(model)
+    for call in (utils.recalibrate_batchnorm, utils.diagnose_batchnorm):
+        with pytest.raises(ValueError, match="batch 2 .* mask is all False"):
+            call(
+                model,
+                tokens,
+                batch_size=16,
+                **{"include_never_updated": True} if call is utils.recalibrate_batchnorm else {},
+            )
+        _assert_all_variables_equal(model, before)
+
+
+def test_renorm_layers_refuse_a_generator_they_would_read_twice():
+    x, y = _tabular(96, loc=4.0, scale=3.0)
+    model = _fit(_renorm_net(), x, y, epochs=2, batch_size=16)
+    before = _variables(model)
+    generator = (x[i : i + 16] for i in range(0, 96, 16))
+    with pytest.raises(ValueError, match="generator or iterator can be read once"):
+        utils.recalibrate_batchnorm(model, generator, batch_size=16)
+    _assert_all_variables_equal(model, before)
