@@ -1413,7 +1413,11 @@ def recalibrate_batchnorm(
             batch holds one class.
         estimator: `"population"` (the pooled moments of everything seen; fvcore's
             `update_bn_stats` computes the same) or `"batch_mean"` (the mean of per-batch means
-            and biased variances).
+            and biased variances, where `fit`'s moving average settles, and what
+            `diagnose_batchnorm` compares with). The pooled variance is larger by the variance
+            of the batch means: for a layer after a dense layer about `1/(batch_size - 1)` of
+            it, so at very small batch sizes (2 or 3) the diagnostic can flag a layer just
+            recalibrated with `"population"`.
         include_frozen: Also update layers with `trainable=False`.
         include_never_updated: Also update layers whose statistics are still exactly 0 and 1.
         verbose: 0 (silent), 1 (a progress bar) or 2 (one line).
