@@ -769,14 +769,10 @@ def _fit_call(model, x) -> None:
     """Calls ``model`` on ``x`` as ``fit`` does: ``training=True`` where its ``call`` takes a
     ``training`` argument, else no ``training`` at all (its layers then run in inference mode,
     as in ``fit``)."""
-    try:
-        takes_training = "training" in inspect.signature(model.call).parameters
-    except (TypeError, ValueError):  # no signature: as a standard model
-        takes_training = True
-    if takes_training:
-        model(x, training=True)
-    else:
+    if _training_position(model) is None:
         model(x)
+    else:
+        model(x, training=True)
 
 
 def _check_input_count(model, data, where: str) -> None:
