@@ -204,3 +204,14 @@ def test_every_check_is_at_most_four_lines(path):
                 if line.strip() and not line.strip().startswith("#")
             ]
             assert len(lines) <= 4, f"{path.name}: a check of {len(lines)} lines:\n{source}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + DEEP_DIVES, ids=lambda p: p.stem)
+def test_every_check_is_collapsed(path):
+    """A check guards the text without interrupting it: its code is stored collapsed."""
+    for cell in cells(path):
+        source = "".join(cell["source"])
+        if cell["cell_type"] == "code" and source.lstrip().startswith("# Check"):
+            assert cell["metadata"].get("jupyter", {}).get("source_hidden"), (
+                f"{path.name}: a check shown expanded:\n{source}"
+            )
