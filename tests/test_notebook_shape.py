@@ -207,11 +207,12 @@ def test_every_check_is_at_most_four_lines(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS + DEEP_DIVES, ids=lambda p: p.stem)
-def test_every_check_is_collapsed(path):
-    """A check guards the text without interrupting it: its code is stored collapsed."""
+def test_every_check_and_plot_code_is_collapsed(path):
+    """A check guards the text, and plotting code draws a figure, without interrupting the text:
+    their code is stored collapsed."""
     for cell in cells(path):
         source = "".join(cell["source"])
-        if cell["cell_type"] == "code" and source.lstrip().startswith("# Check"):
+        if cell["cell_type"] == "code" and source.lstrip().startswith(("# Check", "# extra code")):
             assert cell["metadata"].get("jupyter", {}).get("source_hidden"), (
-                f"{path.name}: a check shown expanded:\n{source}"
+                f"{path.name}: a check or plot code shown expanded:\n{source}"
             )
