@@ -597,15 +597,16 @@ def _is_endless(data) -> bool:
     return False
 
 
-def _batches(data, batch_size, max_batches=None, max_samples=None):
-    """``(x, samples)`` from arrays (cut into ``batch_size``), datasets, generators, PyDatasets."""
+def _batches(data, batch_size, max_batches=None, max_samples=None, shuffle=True):
+    """``(x, samples)`` from arrays (shuffled, cut into ``batch_size``), datasets, generators,
+    PyDatasets."""
     _check_counts(batch_size=batch_size, max_batches=max_batches, max_samples=max_samples)
     if max_batches is None and max_samples is None and _is_endless(data):
         raise ValueError(
             "this tf.data.Dataset or PyDataset is infinite: pass max_batches or max_samples"
         )
     used = 0
-    for number, x in enumerate(_source(data, batch_size, max_samples)):
+    for number, x in enumerate(_source(data, batch_size, max_samples, shuffle)):
         if max_batches is not None and number >= int(max_batches):
             return
         samples = _size(x)
@@ -626,7 +627,7 @@ def _head(x, samples: int):
     return keras.tree.map_structure(lambda a: a[:samples], x)
 
 
-def _source(data, batch_size, max_samples):
+def _source(data, batch_size, max_samples, shuffle=True):
     """An iterator over the ``x`` of each batch that ``data`` holds (labels dropped)."""
     unpack = keras.utils.unpack_x_y_sample_weight
     if isinstance(data, tf.data.Dataset):
@@ -636,27 +637,55 @@ def _source(data, batch_size, max_samples):
         numbers = itertools.count() if endless else range(data.num_batches)
         return (unpack(data[i])[0] for i in numbers)
     if isinstance(data, (np.ndarray, tf.Tensor, dict, list, tuple)) or keras.ops.is_tensor(data):
-        return _array_batches(data, batch_size, max_samples)
+        return _array_batches(data, batch_size, max_samples, shuffle)
     if hasattr(data, "__iter__") or hasattr(data, "__next__"):
         return (unpack(element)[0] for element in iter(data))
     raise TypeError(f"cannot read batches from {type(data).__name__} data; pass {_KINDS}")
 
 
-def _array_batches(data, batch_size, max_samples):
-    """Arrays (or a list/dict of them) cut into batches; a random subset of ``max_samples``."""
+def _array_batches(data, batch_size, max_samples, shuffle=True):
+    """Arrays (or a list/dict of them) cut into batches, in an order shuffled as ``fit``
+    shuffles (the same on every call), or in the given order; a random subset of
+    ``max_samples``."""
     leaves = keras.tree.flatten(data)
     if not all(isinstance(a, np.ndarray) or keras.ops.is_tensor(a) for a in leaves):
         raise TypeError(f"{type(data).__name__} data holds non-arrays; pass {_KINDS}")
     total = _size(data)
     if {len(a) for a in leaves} != {total}:
         raise ValueError(f"the inputs' lengths differ: {_describe(data)}")
-    if max_samples is not None and total > max_samples:  # a random subset, the same each time
-        kept = _subset_size(max_samples, int(batch_size or total))
-        keep = np.sort(np.random.default_rng(0).choice(total, kept, replace=False))
-        data = keras.tree.map_structure(lambda a: keras.ops.take(a, keep, axis=0), data)
-        total = kept
     step = int(batch_size or total or 1)
-    return (_slice(data, start, step) for start in range(0, total, step))
+    order = _order(total, max_samples, step, shuffle)
+    if order is None:
+        return (_slice(data, start, step) for start in range(0, total, step))
+    return (_rows(data, order[start : start + step]) for start in range(0, len(order), step))
+
+
+def _order(total: int, max_samples, step: int, shuffle: bool):
+    """The samples to read, in order (``None``: all, as given): a permutation of them, or of a
+    random subset of ``max_samples``, from NumPy's ``default_rng(0)``; without ``shuffle``, or
+    when they make a single batch (whose statistics do not depend on its order), in the given
+    order."""
+    rng = np.random.default_rng(0)
+    kept = total
+    if max_samples is not None and total > max_samples:
+        kept = _subset_size(max_samples, step)
+    if shuffle and kept > step:
+        return rng.permutation(total)[:kept]
+    if kept < total:
+        return np.sort(rng.choice(total, kept, replace=False))
+    return None
+
+
+def _rows(data, rows: np.ndarray):
+    """The samples ``rows`` of every array of ``data``, in that order."""
+    return keras.tree.map_structure(lambda a: _take(a, rows), data)
+
+
+def _take(array, rows: np.ndarray):
+    """``array[rows]`` for a NumPy array, ``keras.ops.take`` for a tensor."""
+    if isinstance(array, np.ndarray):
+        return array[rows]
+    return keras.ops.take(array, rows, axis=0)
 
 
 def _subset_size(max_samples, step: int):
@@ -741,9 +770,21 @@ def _others_in_inference_mode(model):
                 layer.call = previous
 
 
-def _passes(model, data, batch_size, max_batches, max_samples, where, spread=False):
+def _passes(
+    model,
+    data,
+    batch_size,
+    max_batches,
+    max_samples,
+    where,
+    spread=False,
+    shuffle=True,
+    in_predict=None,
+):
     """Yield ``(batch number, samples, path -> [Moments])``: per batch a ``fit``-mode pass (other
-    layers in inference mode) from the same state, restored; non-finite inputs: ``ValueError``."""
+    layers in inference mode) from the same state, restored; non-finite inputs: ``ValueError``.
+    With a set ``in_predict``, the first batch also goes through as ``predict`` calls the model,
+    and the set receives the paths of the layers that normalize with batch statistics there."""
     _check_input_count(model, data, where)
     count = 0
     with (
@@ -751,18 +792,51 @@ def _passes(model, data, batch_size, max_batches, max_samples, where, spread=Fal
         recording_batchnorm_inputs(model, spread) as records,
         _others_in_inference_mode(model),
     ):
-        state = [(v, v.numpy()) for v in model.non_trainable_variables]
-        batches = _batches(data, batch_size, max_batches, max_samples)
+        state = [(v, v.numpy()) for v in _carried_state(model)]
+        batches = _batches(data, batch_size, max_batches, max_samples, shuffle)
         for count, (x, size) in enumerate(batches, 1):
-            for calls in records.values():
-                calls.clear()
-            _training_pass(model, x, count, where)
-            for variable, value in state:  # every batch from the same state (renorm's too)
-                variable.assign(value)
+            try:
+                if count == 1 and in_predict is not None:
+                    _predict_probe(model, x, records, state, in_predict)
+                for calls in records.values():
+                    calls.clear()
+                _training_pass(model, x, count, where)
+            finally:  # every batch from the same state (renorm's too), after an error as well
+                for variable, value in state:
+                    variable.assign(value)
             _check_received(records, count, where)
             yield count, size, {p: list(c) for p, c in records.items() if c}
     if count == 0:
         raise ValueError(f"{where}: {_EMPTY}")
+
+
+def _carried_state(model) -> list:
+    """Every variable a forward pass can change: the non-trainable variables (moving statistics,
+    seed generators) and the states stateful RNN layers carry, which Keras lists in neither
+    ``model.variables`` nor ``non_trainable_variables``."""
+    variables = list(model.non_trainable_variables)
+    seen = {id(v) for v in variables}
+    for layer in model._flatten_layers(include_self=True):
+        for state in getattr(layer, "states", None) or ():
+            if isinstance(state, keras.Variable) and id(state) not in seen:
+                variables.append(state)
+                seen.add(id(state))
+    return variables
+
+
+def _predict_probe(model, x, records, state, in_predict: set) -> None:
+    """Calls ``model`` on ``x`` as ``predict`` does and adds to ``in_predict`` the layers that
+    normalized with batch statistics there (called with ``training=True`` by the model's own
+    code); the state is restored."""
+    for calls in records.values():
+        calls.clear()
+    if _training_position(model) is None:
+        model(x)
+    else:
+        model(x, training=False)
+    in_predict.update(p for p, calls in records.items() if any(m.training for m in calls))
+    for variable, value in state:
+        variable.assign(value)
 
 
 def _fit_call(model, x) -> None:
@@ -868,11 +942,14 @@ class LayerGap:
         negative_var: A moving variance below 0 (written from outside).
         var_ratio: The median of `(moving var + eps) / (var + eps)`: 1 is right.
         channels_off: The channels beyond twice their threshold (a tenth of them flags).
+        batch_statistics_in_predict: The model's own code calls the layer with `training=True`,
+            so `predict` normalizes with batch statistics too (pix2pix does this): its moving
+            statistics are not used, and it is never flagged.
 
     Attributes:
         in_fit: `"frozen"` (inference mode in `fit` too) or `"trains"`.
-        verdict: `"not finite"`, `"negative variance"`, `"ok"`, `"frozen, stale"`,
-            `"never updated"` or `"mismatch"`.
+        verdict: `"not finite"`, `"batch statistics in predict"`, `"negative variance"`,
+            `"ok"`, `"frozen, stale"`, `"never updated"` or `"mismatch"`.
 
     Example:
 
@@ -900,6 +977,7 @@ class LayerGap:
     negative_var: bool = False  # a moving variance below 0 (written from outside)
     var_ratio: float = 1.0  # median of (moving var + eps) / (var + eps): 1 is right
     channels_off: int = 0  # channels beyond twice their threshold (a tenth of them flags)
+    batch_statistics_in_predict: bool = False  # the model calls it with training=True always
 
     @property
     def in_fit(self) -> str:
@@ -911,6 +989,9 @@ class LayerGap:
         """The layer's verdict, the first that applies.
 
         - `"not finite"`: NaN or Inf in the moving statistics, `gamma` or `beta`;
+        - `"batch statistics in predict"`: the model's code calls the layer with
+          `training=True`, so `predict` normalizes as `fit` does (right only for a network
+          trained to be served that way, such as pix2pix's batches of one);
         - `"negative variance"`: a moving variance below 0: `predict` gives NaN;
         - `"ok"`: within the tolerances;
         - `"frozen, stale"`: inference mode in `fit` too, so no fit/predict difference;
@@ -919,6 +1000,8 @@ class LayerGap:
         """
         if not self.finite:
             return "not finite"
+        if self.batch_statistics_in_predict:
+            return "batch statistics in predict"
         if self.negative_var:
             return "negative variance"
         if not self.flagged:
@@ -940,6 +1023,7 @@ def diagnose_batchnorm(
     max_samples: int = 1024,
     max_batches: int | None = None,
     noise: float = 2.0,
+    shuffle: bool = True,
 ) -> list[LayerGap]:
     """Compares each BatchNormalization layer's moving statistics with those of `fit`'s batches.
 
@@ -954,10 +1038,10 @@ def diagnose_batchnorm(
     tenth of its channels or more lie beyond twice that threshold, so that a few badly off
     channels cannot hide behind the median.
 
-    Give it shuffled training data, a few hundred samples or more: with a handful the scatter is
-    wide and only gross gaps are flagged. Known limit: a single batch of 2-4 samples all of one
-    class can be flagged on a healthy model, because the spread inside that batch misses the
-    variance between classes; pass several shuffled batches.
+    Give it training data, about a thousand samples (the default `max_samples`): with a handful
+    the scatter is wide and only gross gaps are flagged. Known limit: a single batch of 2-4
+    samples all of one class can be flagged on a healthy model, because the spread inside that
+    batch misses the variance between classes; pass several shuffled batches.
 
     A layer called both in `fit`'s mode and with `training=False` is judged on `fit`'s calls. A
     layer called several times per pass (shared by two branches, or inside `TimeDistributed`) is
@@ -970,26 +1054,32 @@ def diagnose_batchnorm(
         model: A built Keras model or layer holding BatchNormalization layers.
         data: What you feed `fit`: NumPy arrays (a list or dict of them for several inputs), a
             `tf.data.Dataset`, a generator or a `keras.utils.PyDataset` yielding `x`, `(x, y)`
-            or `(x, y, sample_weight)`; labels and weights are ignored. From arrays,
-            `max_samples` takes a random subset, the same on every call; from the others, the
-            first samples, so shuffle them.
+            or `(x, y, sample_weight)`; labels and weights are ignored. Arrays are shuffled
+            (see `shuffle`); other data is read in its own order, so shuffle it as `fit` reads
+            it.
         shift_tol: The tolerated shift of the moving mean, in batch standard deviations (>= 0).
         ratio_tol: The tolerated factor between moving and batch variance (>= 1).
         batch_size: The batch size you train with (an integer): every layer after the first
             sees inputs normalized with their batch's statistics. Arrays are cut into batches
             of this size; other data keeps its own batches.
-        max_samples: Stop after this many samples (a cut that would leave a last batch of one
-            sample drops it).
+        max_samples: Stop after this many samples. From arrays it takes a random subset, the
+            same on every call; from other data, the first samples. A cut that would leave a
+            last batch of one sample drops it.
         max_batches: Stop after this many batches (`None`: no limit).
         noise: How many standard errors a gap must exceed (>= 0).
+        shuffle: Shuffle arrays before cutting them into batches, as `fit` does, in the same
+            order on every call (NumPy's `default_rng(0)`), so that arrays sorted by class give
+            batches of every class. `False` keeps the given order (for arrays you arranged in
+            batches yourself). Arrays that fit in one batch keep their order: a batch's
+            statistics do not depend on it.
 
     Returns:
         A list of `LayerGap`, one per BatchNormalization layer the data reached, in the order of
         the layer tree.
 
     Raises:
-        TypeError: `model` is not a Keras model or layer; a count is not an integer; the data
-            is of a kind it cannot read.
+        TypeError: `model` is not a Keras model or layer; a count is not an integer; `shuffle`
+            is not a bool; the data is of a kind it cannot read.
         ValueError: a tolerance is out of range; the model is not built or has no
             BatchNormalization layer; the data is empty, of another shape than the model takes,
             of fewer than 2 samples, reaches no BatchNormalization layer, or gives a layer
@@ -1007,9 +1097,19 @@ def diagnose_batchnorm(
     _check_tolerances(shift_tol, ratio_tol, noise)
     _check_counts(False, batch_size=batch_size)
     layers = _built(model, "diagnose")
-    calls, samples, batches = {}, 0, 0
+    calls, samples, batches, in_predict = {}, 0, 0, set()
+    if not isinstance(shuffle, bool):
+        raise TypeError(f"shuffle={shuffle!r}: True or False")
     passes = _passes(
-        model, data, batch_size, max_batches, max_samples, "diagnose_batchnorm", spread=True
+        model,
+        data,
+        batch_size,
+        max_batches,
+        max_samples,
+        "diagnose_batchnorm",
+        spread=True,
+        shuffle=shuffle,
+        in_predict=in_predict,
     )
     for number, size, records in passes:
         samples, batches = samples + size, number
@@ -1024,12 +1124,15 @@ def diagnose_batchnorm(
         if path not in calls:
             continue
         fields = _worst_call(layer, calls[path], shift_tol, ratio_tol, noise)
+        if path in in_predict:  # predict normalizes as fit does: no gap to flag
+            fields["flagged"] = False
         row = LayerGap(
             index=len(rows),
             name=path,
             samples=samples,
             batches=batches,
             never_updated=_never_updated(layer),
+            batch_statistics_in_predict=path in in_predict,
             **fields,
         )
         rows.append(row)
@@ -1093,12 +1196,20 @@ def _judge(layer, seen, shift_tol, ratio_tol, noise) -> tuple[dict, float]:
 
 def _scatter(seen: list[Moments], name: str):
     """One batch's standard error of the moment ``name`` (``"mean"``, ``"var"``) per channel:
-    within a batch or between batches, the larger (``inf`` where neither is known)."""
+    within a batch or between batches, the larger. Batches of one sample have no spread
+    within: then the scatter between batches, widened by Student's t for the few batches that
+    estimate it (``inf`` with a single batch, which ``diagnose_batchnorm`` refuses)."""
     within = [getattr(m, f"{name}_se") for m in seen if getattr(m, f"{name}_se") is not None]
-    scatter = np.sqrt(np.mean(np.square(within), axis=0)) if within else np.inf
-    if len(seen) > 1:
-        scatter = np.maximum(scatter, np.std([getattr(m, name) for m in seen], axis=0, ddof=1))
-    return scatter
+    values = [getattr(m, name) for m in seen]
+    if within:
+        scatter = np.sqrt(np.mean(np.square(within), axis=0))
+        if len(seen) > 1:
+            scatter = np.maximum(scatter, np.std(values, axis=0, ddof=1))
+        return scatter
+    if len(seen) == 1:
+        return np.full_like(np.asarray(values[0], np.float64), np.inf)
+    widen = _T975.get(len(seen) - 1, 1.96 + 2.4 / (len(seen) - 1)) / 1.96
+    return widen * np.std(values, axis=0, ddof=1)
 
 
 def _per_channel_gaps(layer, seen, mean, var, moving_mean, moving_var, eps) -> dict:
@@ -1274,17 +1385,20 @@ def _check_options(
     batch_size=32,
     max_batches=None,
     max_samples=None,
-    estimator="population",
+    estimator="batch_mean",
     include_frozen=False,
     include_never_updated=False,
     verbose=0,
+    shuffle=True,
 ) -> None:
     """``ValueError`` / ``TypeError`` for options ``recalibrate_batchnorm`` does not take."""
     if estimator not in ("population", "batch_mean"):
-        raise ValueError(f"estimator={estimator!r}; use 'population' or 'batch_mean'")
-    flags = isinstance(include_frozen, bool) and isinstance(include_never_updated, bool)
-    if not (flags and verbose in (0, 1, 2)):
-        raise TypeError("include_frozen, include_never_updated: True or False; verbose: 0, 1, 2")
+        raise ValueError(f"estimator={estimator!r}; use 'batch_mean' or 'population'")
+    flags = [include_frozen, include_never_updated, shuffle]
+    if not (all(isinstance(f, bool) for f in flags) and verbose in (0, 1, 2)):
+        raise TypeError(
+            "include_frozen, include_never_updated, shuffle: True or False; verbose: 0, 1, 2"
+        )
     _check_counts(False, batch_size=batch_size)
     _check_counts(max_batches=max_batches, max_samples=max_samples)
 
@@ -1302,7 +1416,7 @@ class Recalibration(int):
         reasons: A dict `path -> why` for each skipped layer.
         samples: The samples read (in the last pass).
         batches: The batches they came in.
-        estimator: `"population"` or `"batch_mean"`.
+        estimator: `"batch_mean"` or `"population"`.
         seconds: The time it took.
 
     Example:
@@ -1330,7 +1444,7 @@ class Recalibration(int):
         reasons: dict[str, str] | None = None,
         samples: int = 0,
         batches: int = 0,
-        estimator: str = "population",
+        estimator: str = "batch_mean",
         seconds: float = 0.0,
     ) -> Recalibration:
         self = super().__new__(cls, updated)
@@ -1360,10 +1474,11 @@ def recalibrate_batchnorm(
     *,
     max_batches: int | None = None,
     max_samples: int | None = None,
-    estimator: str = "population",
+    estimator: str = "batch_mean",
     include_frozen: bool = False,
     include_never_updated: bool = False,
     verbose: int = 0,
+    shuffle: bool = True,
 ) -> Recalibration:
     """Sets the moving statistics to those of `data` in `fit`'s batches (PreciseBN).
 
@@ -1395,28 +1510,34 @@ def recalibrate_batchnorm(
         model: A built Keras model or layer holding BatchNormalization layers.
         data: What you feed `fit`: NumPy arrays (a list or dict of them for several inputs), a
             `tf.data.Dataset`, a generator or a `keras.utils.PyDataset` yielding `x`, `(x, y)`
-            or `(x, y, sample_weight)`; labels and weights are ignored. An infinite
-            `tf.data.Dataset` or `PyDataset` needs `max_batches` or `max_samples`; an endless
-            generator is read until they stop it.
+            or `(x, y, sample_weight)`; labels and weights are ignored. Arrays are shuffled
+            (see `shuffle`); other data is read in its own order, so shuffle it as `fit` reads
+            it. An infinite `tf.data.Dataset` or `PyDataset` needs `max_batches` or
+            `max_samples`; an endless generator is read until they stop it.
         batch_size: The batch size you train with (an integer; under a distribution strategy,
             the per-replica batch unless your layers use `synchronized=True`). Arrays are cut
             into batches of this size; other data keeps its own batches.
         max_batches: Stop after this many batches (`None`: no limit).
         max_samples: Stop after this many samples. From arrays it takes a random subset, the
-            same on every call (NumPy's `default_rng(0)`), in the arrays' order; from other data,
-            the first samples. A cut that would leave a last batch of one sample drops it.
-            Batches follow the data's order: shuffle arrays sorted by class first, or each
-            batch holds one class.
-        estimator: `"population"` (the pooled moments of everything seen; fvcore's
-            `update_bn_stats` computes the same) or `"batch_mean"` (the mean of per-batch means
-            and biased variances, where `fit`'s moving average settles, and what
-            `diagnose_batchnorm` compares with). The pooled variance is larger by the variance
-            of the batch means: for a layer after a dense layer about `1/(batch_size - 1)` of
-            it, so at very small batch sizes (2 or 3) the diagnostic can flag a layer just
-            recalibrated with `"population"`.
+            same on every call (NumPy's `default_rng(0)`); from other data, the first samples.
+            A cut that would leave a last batch of one sample drops it.
+        estimator: `"batch_mean"` (the mean of the batches' means and biased variances: where
+            `fit`'s moving average settles with the weights fixed, and what
+            `diagnose_batchnorm` compares with, so that a layer just recalibrated with the same
+            data and batch size is not flagged) or `"population"` (the pooled moments of
+            everything seen). The pooled variance is larger by the variance of the batch means:
+            for a layer whose inputs are independent across samples (the first
+            BatchNormalization layer after a dense layer) about `1/(batch_size - 1)` of it, so
+            at batch sizes 2 or 3 the diagnostic can flag such a layer recalibrated with
+            `"population"`; after earlier BatchNormalization layers far less.
         include_frozen: Also update layers with `trainable=False`.
         include_never_updated: Also update layers whose statistics are still exactly 0 and 1.
         verbose: 0 (silent), 1 (a progress bar) or 2 (one line).
+        shuffle: Shuffle arrays before cutting them into batches, as `fit` does, in the same
+            order on every call (NumPy's `default_rng(0)`), so that arrays sorted by class give
+            batches of every class. `False` keeps the given order (for arrays you arranged in
+            batches yourself). Arrays that fit in one batch keep their order: a batch's
+            statistics do not depend on it.
 
     Returns:
         A `Recalibration`: the number of layers updated, with `statistics`, `skipped`,
@@ -1447,6 +1568,7 @@ def recalibrate_batchnorm(
         include_frozen,
         include_never_updated,
         verbose,
+        shuffle,
     )
     started, named = time.perf_counter(), _built(model, "recalibrate")
     reasons = _left_alone(named, include_frozen, include_never_updated)
@@ -1464,7 +1586,9 @@ def recalibrate_batchnorm(
             "over the data, and a generator or iterator can be read once: pass arrays, a "
             "tf.data.Dataset or a PyDataset"
         )
-    reading = dict(batch_size=batch_size, max_batches=max_batches, max_samples=max_samples)
+    reading = dict(
+        batch_size=batch_size, max_batches=max_batches, max_samples=max_samples, shuffle=shuffle
+    )
     try:  # renorm's statistics shape what later layers receive in fit: a pass per renorm layer
         for layer in thawed:
             layer.trainable = True
@@ -1508,10 +1632,27 @@ def _first_reasons(reasons: dict) -> str:
 
 
 def _expected_batches(data, batch_size, max_batches, max_samples):
-    """The progress bar's target: the batches an array gives, else ``max_batches``."""
-    if isinstance(data, np.ndarray) and data.ndim and not max_samples:
-        return min(-(-len(data) // int(batch_size)), max_batches or np.inf)
-    return max_batches
+    """The progress bar's target: the batches arrays, a sized dataset or a PyDataset give
+    (``None``: unknown)."""
+    known = None
+    leaves = keras.tree.flatten(data) if isinstance(data, (np.ndarray, list, tuple, dict)) else []
+    if leaves and all(isinstance(a, np.ndarray) and a.ndim for a in leaves):
+        step = int(batch_size)
+        samples = _size(data)
+        if max_samples is not None and samples > max_samples:
+            samples = _subset_size(int(max_samples), step)
+        known = -(-samples // step)
+    elif (
+        max_samples is not None
+    ):  # batches of the data's own sizes: where the cut falls is unknown
+        known = None
+    elif isinstance(data, tf.data.Dataset) and int(data.cardinality()) >= 0:
+        known = int(data.cardinality())
+    elif isinstance(data, keras.utils.PyDataset) and data.num_batches is not None:
+        known = data.num_batches
+    if known is None:
+        return max_batches
+    return min(known, max_batches or known)
 
 
 def _recalibrate_once(model, data, reading, targets, reasons, estimator, progress):
@@ -1567,7 +1708,7 @@ class PreciseBN(keras.callbacks.Callback):
         max_samples: The samples each recalibration reads.
         batch_size: The batch size you train with.
         **options: Other options of `recalibrate_batchnorm` (`max_batches`, `estimator`,
-            `include_frozen`, `include_never_updated`, `verbose`).
+            `include_frozen`, `include_never_updated`, `verbose`, `shuffle`).
 
     Attributes:
         results: The `Recalibration` of each recalibration, in order.
@@ -1614,6 +1755,7 @@ class PreciseBN(keras.callbacks.Callback):
         self._done = True
 
     def on_train_begin(self, logs=None):
+        _check_input_count(self.model, self.data, "PreciseBN")  # (x, y) for a one-input model
         if getattr(self.model, "built", False):  # nothing to recalibrate: say so before training
             frozen = self.options.get("include_frozen", False)
             if not any(layer.trainable or frozen for layer in batchnorm_layers(self.model)):

@@ -482,7 +482,8 @@ def weights_digest(model: keras.Model) -> str:
 class RemedyResult:
     """A remedy served on the training images: ``predicted`` classes, their ``accuracy`` and
     ``loss`` (computed as ``evaluate`` does, on the served output); ``alone_*``: each image a batch
-    of one; ``mode_gap``: largest |training-mode - served probability|; ``memorised``: training
+    of one; ``mode_gap``: largest |training-mode - served logit| relative to the largest
+    |training-mode logit| (logits do not saturate as probabilities do); ``memorised``: training
     mode right on every image; ``same_computation``: served is training mode's computation (gap 0
     by construction); ``extra``: its cost in words; ``seconds``: measured seconds of the training
     or pass that cost names (``None``: none). Notebook 05."""
@@ -530,16 +531,19 @@ def measure_remedy(
             int(np.argmax(to_numpy(model(images[i : i + 1], training=training_mode))))
             for i in range(len(images))
         ]
-        reference = to_numpy(model(images, training=True))  # as fit computes
+        with _logits_out(model):
+            served_logits = to_numpy(model(images, training=training_mode))
+            reference_logits = to_numpy(model(images, training=True))  # as fit computes
     loss, acc = loss_and_accuracy(served, labels)
-    gap = float(np.abs(reference - to_numpy(served)).max())
+    scale = max(float(np.abs(reference_logits).max()), 1e-12)
+    gap = float(np.abs(reference_logits - served_logits).max()) / scale
     if same_computation and gap > 1e-5:
         raise ValueError(f"same_computation=True, but the two modes differ by {gap:.2g}")
     truth = np.argmax(labels, axis=1).tolist()
     return RemedyResult(
         str(name),
         int(updates),
-        accuracy(reference, labels) == 1.0,
+        accuracy(reference_logits, labels) == 1.0,  # the largest logit is the likeliest class
         np.argmax(to_numpy(served), axis=1).tolist(),
         acc,
         loss,
@@ -550,6 +554,20 @@ def measure_remedy(
         None if seconds is None else float(seconds),
         bool(same_computation or training_mode and gap <= 1e-5),
     )
+
+
+@contextlib.contextmanager
+def _logits_out(model):
+    """Inside the block, ``model`` returns its last Dense layer's logits (softmax removed)."""
+    head = model.layers[-1]
+    if not isinstance(head, keras.layers.Dense):
+        raise ValueError(f"the model ends in {type(head).__name__}, not a Dense classifier")
+    activation = head.activation
+    head.activation = keras.activations.linear
+    try:
+        yield
+    finally:
+        head.activation = activation
 
 
 def remedies_table(results: list[RemedyResult]):
@@ -582,16 +600,16 @@ def remedies_table(results: list[RemedyResult]):
             "accuracy",
             "loss",
             "each alone",
-            "train/served gap",
+            "logit difference",
             "extra cost",
         ],
         rows,
         "updates: optimizer updates of the served weights; memorised: those weights"
         " right on every image in training mode; predict: classes served for the"
-        " batch of all images; each alone: served one image at a time; train/served"
-        " gap: largest difference of probabilities between training mode and what"
-        " is served (n/a: served by training mode's own computation, 0 by"
-        " construction)",
+        " batch of all images; each alone: served one image at a time; logit"
+        " difference: largest difference of logits between training mode and what is"
+        " served, relative to the largest training-mode logit (n/a: served by training"
+        " mode's own computation, 0 by construction)",
     )
 
 

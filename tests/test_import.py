@@ -114,3 +114,11 @@ def test_setup_accepts_pools_the_environment_already_fixed():
         )
         assert done.returncode == 0, done.stderr
         assert f"{sizes}+{sizes} threads" in done.stdout, done.stdout
+
+
+def test_the_toolkit_s_tests_need_no_utils():
+    """tests/test_toolkit.py tests bn_toolkit.py alone, as a learner who copied it would."""
+    tree = ast.parse((ROOT / "tests" / "test_toolkit.py").read_text(encoding="utf-8"))
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "bn_toolkit" in imported and "utils" not in imported, imported

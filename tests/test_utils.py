@@ -8,6 +8,7 @@ The helpers that moved out of ``utils`` into the notebooks (plots, tables of rem
 ``BatchNormHistory``, the ResNet50 variants of notebook 05) are tested there, by nbval.
 """
 
+import functools
 import hashlib
 import inspect
 import io
@@ -23,6 +24,15 @@ from PIL import Image
 import bn_toolkit
 import utils
 from utils import keras, tf
+
+# Tests of what the toolkit computes on given batches: the arrays in their order (no shuffling)
+# and the pooled estimate, as those tests' NumPy references compute them. The shuffled order and
+# the default estimator have tests of their own.
+recalibrate_in_order = functools.partial(
+    utils.recalibrate_batchnorm, shuffle=False, estimator="population"
+)
+diagnose_in_order = functools.partial(utils.diagnose_batchnorm, shuffle=False)
+
 
 # ---------------------------------------------------------------------------
 # Helpers and fixtures
@@ -655,7 +665,7 @@ def test_recalibration_counts_layers_and_keeps_details(tiny, data):
     x, _ = data
     # The tiny model was never trained, so its moving statistics are still 0 and 1, which
     # recalibrate_batchnorm leaves alone by default; here they stand for any stale statistics.
-    result = utils.recalibrate_batchnorm(model, x, batch_size=4, include_never_updated=True)
+    result = recalibrate_in_order(model, x, batch_size=4, include_never_updated=True)
     assert isinstance(result, utils.Recalibration) and isinstance(result, int)
     assert result == 1 and f"{result}" == "1" and str(result) == "1"
     assert (result.samples, result.batches, result.estimator) == (10, 3, "population")
@@ -783,7 +793,7 @@ def test_diagnose_flags_fresh_layer_and_recalibration_fixes_it(tiny, data):
     mean, var = _np_moments(x)
     eps = float(bn.epsilon)
 
-    rows = utils.diagnose_batchnorm(model, x)  # 10 samples: one batch of the default 32
+    rows = diagnose_in_order(model, x)  # 10 samples: one batch of the default 32
     assert len(rows) == 1
     row = rows[0]
     assert (row.index, row.name, row.channels) == (0, "bn", 2)
@@ -801,11 +811,11 @@ def test_diagnose_flags_fresh_layer_and_recalibration_fixes_it(tiny, data):
 
     # 10 samples in batches of 3, 3, 3 and 1: the pooled moments are the population's.
     # include_never_updated: the untrained layer's 0 and 1 stand for stale statistics here.
-    assert utils.recalibrate_batchnorm(model, x, batch_size=3, include_never_updated=True) == 1
+    assert recalibrate_in_order(model, x, batch_size=3, include_never_updated=True) == 1
     np.testing.assert_allclose(bn.moving_mean.numpy(), mean, rtol=1e-4)
     np.testing.assert_allclose(bn.moving_variance.numpy(), var, rtol=1e-4)
 
-    row = utils.diagnose_batchnorm(model, x)[0]
+    row = diagnose_in_order(model, x)[0]
     assert not row.flagged and not row.never_updated and row.verdict == "ok"
     assert row.shift == pytest.approx(0.0, abs=1e-4)
     assert row.log_var_gap == pytest.approx(0.0, abs=1e-4)
@@ -975,22 +985,22 @@ def test_diagnose_flags_only_gaps_beyond_the_noise_of_one_batch(tiny, data):
     bn.moving_mean.assign(mean.astype(np.float32))
     bn.moving_variance.assign((2.0 * var).astype(np.float32))  # ratio 2: beyond ratio_tol 1.5
     # Batches of 4, 4 and 2 scatter far more than one batch of 10: within the noise.
-    row = utils.diagnose_batchnorm(model, x, batch_size=4)[0]
+    row = diagnose_in_order(model, x, batch_size=4)[0]
     assert (row.samples, row.batches) == (10, 3)
     assert np.log(1.5) < row.log_var_gap < 2 * row.noise_log_var
     assert not row.flagged and row.verdict == "ok"
-    assert utils.diagnose_batchnorm(model, x, batch_size=4, noise=0)[0].flagged  # fixed only
+    assert diagnose_in_order(model, x, batch_size=4, noise=0)[0].flagged  # fixed only
     # The reference is what the moving average estimates: the mean of the batches' moments.
     batch_vars = [_np_moments(x[s : s + 4])[1] for s in (0, 4, 8)]
     assert row.batch_var == pytest.approx(np.median(np.mean(batch_vars, axis=0)), rel=1e-5)
     # The noise decides only above the fixed tolerance: a huge noise factor flags nothing,
     # and a gap under the fixed tolerance is never flagged, however small the noise.
-    assert not utils.diagnose_batchnorm(model, x, noise=100)[0].flagged
+    assert not diagnose_in_order(model, x, noise=100)[0].flagged
     bn.moving_variance.assign((1.2 * var).astype(np.float32))
-    assert not utils.diagnose_batchnorm(model, x, noise=0)[0].flagged
+    assert not diagnose_in_order(model, x, noise=0)[0].flagged
     # The rule itself, on every row computed here.
     for kwargs in ({}, {"batch_size": 4}, {"batch_size": 3}, {"noise": 0.5}):
-        r = utils.diagnose_batchnorm(model, x, **kwargs)[0]
+        r = diagnose_in_order(model, x, **kwargs)[0]
         noise = kwargs.get("noise", 2.0)
         assert r.flagged == bool(
             r.shift > max(0.2, noise * r.noise_shift)
