@@ -830,23 +830,20 @@ def _predict_probe(model, x, records, state, in_predict: set) -> None:
     code); the state is restored."""
     for calls in records.values():
         calls.clear()
-    if _training_position(model) is None:
-        model(x)
-    else:
-        model(x, training=False)
+    _fit_call(model, x, training=False)
     in_predict.update(p for p, calls in records.items() if any(m.training for m in calls))
     for variable, value in state:
         variable.assign(value)
 
 
-def _fit_call(model, x) -> None:
-    """Calls ``model`` on ``x`` as ``fit`` does: ``training=True`` where its ``call`` takes a
-    ``training`` argument, else no ``training`` at all (its layers then run in inference mode,
-    as in ``fit``)."""
+def _fit_call(model, x, training: bool = True) -> None:
+    """Calls ``model`` on ``x`` as ``fit`` does (``training=False``: as ``predict`` does): with
+    ``training`` where its ``call`` takes a ``training`` argument, else without (its layers then
+    run in inference mode, as in ``fit``)."""
     if _training_position(model) is None:
         model(x)
     else:
-        model(x, training=True)
+        model(x, training=training)
 
 
 def _check_input_count(model, data, where: str) -> None:
